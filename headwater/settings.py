@@ -1,0 +1,92 @@
+"""The one settings object, built at the entry point and passed down.
+
+Sources, highest priority first: explicit keyword arguments, ``HEADWATER_*`` environment
+variables (nested fields with ``__``, e.g. ``HEADWATER_REDIS__URL``), an optional YAML file
+(``HEADWATER_CONFIG`` or the CLI's ``--config``), then the defaults below, which run
+everything embedded on one machine. Nothing else in Headwater reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from headwater.errors import ConfigError
+
+__all__ = ["BrokerSettings", "Settings", "load_settings"]
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class BrokerSettings(BaseModel):
+    """The embedded Tansu broker, used when ``bootstrap_servers`` is not set."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    start_timeout_s: float = 20.0
+
+
+class Settings(BaseSettings):
+    """Everything configurable in Headwater."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HEADWATER_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    bootstrap_servers: str | None = Field(
+        None, description="Kafka bootstrap servers; unset means the embedded broker started by `headwater up`"
+    )
+    topic_prefix: str = Field("", description="Prefix of every topic name, e.g. 'prod.'")
+    default_partitions: int = Field(3, ge=1)
+    data_dir: Path = Field(Path(".headwater"), description="Lake, online store, broker state and logs")
+    schemas_dir: Path = Field(PROJECT_ROOT / "schemas" / "avro")
+    broker: BrokerSettings = Field(default_factory=lambda: BrokerSettings(port=0))
+    kafka_client: dict[str, str] = Field(
+        default_factory=dict, description="Extra librdkafka settings for every client (security, SASL)"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML source reads model_config["yaml_file"], set by load_settings; without one it is empty.
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    @property
+    def state_dir(self) -> Path:
+        """Where running services keep pid files, ports and logs."""
+        return self.data_dir / "run"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings at an entry point; a bad value raises :class:`ConfigError` naming it."""
+    if config_file is None and os.environ.get("HEADWATER_CONFIG"):
+        config_file = Path(os.environ["HEADWATER_CONFIG"])
+    cls: type[Settings] = Settings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file {config_file} does not exist: pass an existing YAML file")
+
+        class _FromFile(Settings):
+            model_config = SettingsConfigDict(**{**Settings.model_config, "yaml_file": config_file})
+
+        cls = _FromFile
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise ConfigError(f"invalid settings: {problems}") from exc

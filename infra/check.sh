@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: linters, type checks, then the whole test suite against real components.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${HEADWATER_VENV:-.venv}
+echo "== ruff"; "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check .
+echo "== mypy"; "$VENV/bin/mypy"
+echo "== pytest"; "$VENV/bin/pytest" "$@"
