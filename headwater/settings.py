@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import (
@@ -22,7 +22,7 @@ from pydantic_settings import (
 
 from headwater.errors import ConfigError
 
-__all__ = ["BrokerSettings", "Settings", "load_settings"]
+__all__ = ["BrokerSettings", "OfflineStoreSettings", "OnlineStoreSettings", "Settings", "load_settings"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +33,27 @@ class BrokerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
     start_timeout_s: float = 20.0
+
+
+class OnlineStoreSettings(BaseModel):
+    """Online store backend, selected by ``type``."""
+
+    type: Literal["lmdb", "redis", "aerospike"] = "lmdb"
+    path: Path | None = Field(None, description="LMDB directory; default <data_dir>/online")
+    map_size_mb: int = Field(4096, ge=16, description="LMDB map size (virtual; grows the file lazily)")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    aerospike_hosts: str | None = Field(None, description="host:port[,host:port]; unset means not configured")
+    aerospike_namespace: str = "test"
+
+
+class OfflineStoreSettings(BaseModel):
+    """Offline store: the embedded ClickHouse engine (chdb) over the Parquet lake, or a ClickHouse server."""
+
+    type: Literal["chdb", "clickhouse"] = "chdb"
+    lake_dir: Path | None = Field(None, description="Parquet lake; default <data_dir>/lake")
+    clickhouse_url: str | None = Field(
+        None, description="clickhouse://user:pass@host:9000/db for server mode"
+    )
 
 
 class Settings(BaseSettings):
@@ -49,7 +70,9 @@ class Settings(BaseSettings):
     default_partitions: int = Field(3, ge=1)
     data_dir: Path = Field(Path(".headwater"), description="Lake, online store, broker state and logs")
     schemas_dir: Path = Field(PROJECT_ROOT / "schemas" / "avro")
-    broker: BrokerSettings = Field(default_factory=lambda: BrokerSettings(port=0))
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    online_store: OnlineStoreSettings = Field(default_factory=OnlineStoreSettings)
+    offline_store: OfflineStoreSettings = Field(default_factory=OfflineStoreSettings)
     kafka_client: dict[str, str] = Field(
         default_factory=dict, description="Extra librdkafka settings for every client (security, SASL)"
     )
@@ -70,6 +93,14 @@ class Settings(BaseSettings):
     def state_dir(self) -> Path:
         """Where running services keep pid files, ports and logs."""
         return self.data_dir / "run"
+
+    @property
+    def lake_dir(self) -> Path:
+        return self.offline_store.lake_dir or self.data_dir / "lake"
+
+    @property
+    def online_store_path(self) -> Path:
+        return self.online_store.path or self.data_dir / "online"
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

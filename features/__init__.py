@@ -1,0 +1,1 @@
+"""Feature definitions: declared once, computed by every engine with one meaning."""
