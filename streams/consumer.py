@@ -1,0 +1,235 @@
+"""The event consumer: decodes, dead-letters what it cannot decode, commits only when told.
+
+Offsets are committed by :meth:`EventConsumer.commit` alone, which the caller invokes once
+the effects of the returned events are durable; a crash before that re-delivers them.
+Dead letters are flushed to the broker before any commit that passes them.
+
+Catching up is detected with partition EOF events, never with listed high watermarks
+(the embedded broker's ListOffsets answer is wrong after batched produces; DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, Message, TopicPartition
+
+from headwater.errors import HeadwaterError
+from headwater.settings import Settings
+from streams.kafka import client_config
+from streams.producer import EventProducer
+from streams.serde import DecodeError, Serde
+from streams.topics import TopicCatalog
+
+__all__ = ["Event", "EventConsumer"]
+
+log = logging.getLogger(__name__)
+
+
+def _where(msg: Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a fetched record (never None for a record, only for errors)."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    if topic is None or partition is None or offset is None:
+        raise HeadwaterError(f"record without coordinates: {msg.error()}")
+    return topic, partition, offset
+
+
+def _headers(msg: Message) -> dict[str, bytes]:
+    raw = msg.headers() or []
+    items = raw.items() if isinstance(raw, dict) else raw
+    return {k: v.encode() if isinstance(v, str) else v for k, v in items if v is not None}
+
+
+@dataclass(frozen=True)
+class Event:
+    """One decoded record. ``tombstone`` records (null value) have an empty ``record``."""
+
+    topic: str  # logical name, without prefix
+    partition: int
+    offset: int
+    key: bytes | None
+    event_type: str
+    record: dict[str, Any]
+    headers: dict[str, bytes]
+    timestamp_ms: int
+    value: bytes | None = field(default=None, repr=False)
+    tombstone: bool = False
+
+
+class EventConsumer:
+    """Consume logical topics. ``group_id=None`` assigns every partition with no group and no commits."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        serde: Serde,
+        topics: list[str],
+        *,
+        group_id: str | None = None,
+        from_beginning: bool = True,
+        name: str = "consumer",
+        include_tombstones: bool = False,
+        dead_letters: EventProducer | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.serde = serde
+        self.name = name
+        self.catalog = TopicCatalog(settings)
+        self.group_id = group_id
+        self.include_tombstones = include_tombstones
+        self._specs = {self.catalog.name(t): self.catalog.spec(t) for t in topics}
+        self._dead_letters = dead_letters
+        self._owns_dead_letters = dead_letters is None
+        self._pending: dict[tuple[str, int], int] = {}  # next offset to commit per partition
+        self._assigned: set[tuple[str, int]] = set()
+        self._eof: set[tuple[str, int]] = set()
+        self.dead_lettered = 0
+        conf = client_config(
+            settings,
+            **{
+                "group.id": group_id or f"headwater-{name}-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest" if from_beginning else "latest",
+                "enable.partition.eof": True,
+                # Locally a group join otherwise takes ~23 s with the embedded broker (DESIGN.md §3).
+                "session.timeout.ms": 6000,
+                **(config or {}),
+            },
+        )
+        self._consumer = Consumer(conf)
+        if group_id is None:
+            self._assign_all(OFFSET_BEGINNING if from_beginning else OFFSET_END)
+        else:
+            self._consumer.subscribe(list(self._specs), on_assign=self._on_assign, on_revoke=self._on_revoke)
+
+    def _assign_all(self, start: int) -> None:
+        metadata = self._consumer.list_topics(timeout=10)
+        partitions = []
+        for name in self._specs:
+            topic = metadata.topics.get(name)
+            if topic is None or topic.error is not None:
+                raise HeadwaterError(f"topic {name} does not exist: run `headwater topics create`")
+            partitions += [TopicPartition(name, p, start) for p in topic.partitions]
+        self._consumer.assign(partitions)
+        self._assigned = {(tp.topic, tp.partition) for tp in partitions}
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned |= {(tp.topic, tp.partition) for tp in partitions}
+        log.info("%s assigned %s", self.name, [(tp.topic, tp.partition) for tp in partitions])
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Offsets of events whose effects are not yet durable must not be committed by a new owner.
+        for tp in partitions:
+            self._assigned.discard((tp.topic, tp.partition))
+            self._eof.discard((tp.topic, tp.partition))
+            self._pending.pop((tp.topic, tp.partition), None)
+
+    def poll(self, max_records: int = 500, timeout_s: float = 1.0) -> list[Event]:
+        """Up to ``max_records`` decoded events; undecodable records go to dead letters instead."""
+        events: list[Event] = []
+        for msg in self._consumer.consume(max_records, timeout_s):
+            err = msg.error()
+            topic, partition = msg.topic() or "", msg.partition() or 0
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    self._eof.add((topic, partition))
+                    continue
+                if err.fatal():
+                    raise HeadwaterError(f"{self.name}: fatal consumer error: {err}")
+                log.warning("%s: consumer error on %s [%s]: %s", self.name, topic, partition, err)
+                continue
+            topic, partition, offset = _where(msg)
+            self._eof.discard((topic, partition))
+            self._pending[(topic, partition)] = offset + 1
+            event = self._decode(msg)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _decode(self, msg: Message) -> Event | None:
+        topic, partition, offset = _where(msg)
+        spec = self._specs[topic]
+        value = msg.value()
+        if value is None:
+            if not self.include_tombstones:
+                return None
+            record: dict[str, Any] = {}
+        else:
+            try:
+                _, record = self.serde.decode(value, spec.event_type)
+            except DecodeError as exc:
+                self.dead_letter(msg, exc)
+                return None
+        return Event(
+            spec.logical, partition, offset, msg.key(), spec.event_type, record,
+            _headers(msg), msg.timestamp()[1], value, value is None,
+        )  # fmt: skip
+
+    def dead_letter(self, msg: Message | Event, error: Exception) -> None:
+        """Route one record to the dead-letters topic with where it came from, the error and its bytes."""
+        if isinstance(msg, Event):
+            topic = self.catalog.name(msg.topic)
+            partition, offset, key, value, headers = (
+                msg.partition,
+                msg.offset,
+                msg.key,
+                msg.value,
+                msg.headers,
+            )
+        else:
+            topic, partition, offset = _where(msg)
+            key, value, headers = msg.key(), msg.value(), _headers(msg)
+        log.warning("%s: dead-lettering %s [%d] @%d: %s", self.name, topic, partition, offset, error)
+        if self._dead_letters is None:
+            self._dead_letters = EventProducer(self.settings, self.serde, client_id=f"{self.name}-dlq")
+        self._dead_letters.send(
+            "dead-letters",
+            {
+                "event_id": f"{topic}/{partition}/{offset}",
+                "event_time": int(time.time() * 1000),
+                "source_topic": topic,
+                "source_partition": partition,
+                "source_offset": offset,
+                "consumer": self.name,
+                "error_type": type(error).__name__,
+                "error": str(error),
+                "original_key": key,
+                "original_value": value,
+                "original_headers": headers,
+            },
+        )
+        self.dead_lettered += 1
+
+    def caught_up(self) -> bool:
+        """True when every assigned partition has reached its end since its last record."""
+        return bool(self._assigned) and self._assigned <= self._eof
+
+    def commit(self) -> None:
+        """Commit everything returned so far; call only once the effects are durable."""
+        if self.group_id is None or not self._pending:
+            return
+        if self._dead_letters is not None:
+            self._dead_letters.flush()
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._pending.items()]
+        self._consumer.commit(offsets=offsets, asynchronous=False)
+        self._pending.clear()
+
+    def close(self) -> None:
+        if self._dead_letters is not None and self._owns_dead_letters:
+            self._dead_letters.close()
+        self._consumer.close()
+
+    def __enter__(self) -> EventConsumer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
