@@ -77,8 +77,10 @@ class Serde:
             raise DecodeError(f"expected a {event_type} event, got {writer.event_type}")
         reader = self._readers[writer.event_type]
         try:
+            body = BytesIO(data)  # shares the bytes, no copy of the body
+            body.seek(_HEADER_LEN)
             record = schemaless_reader(
-                BytesIO(data[_HEADER_LEN:]),
+                body,
                 writer.parsed,
                 None if reader is writer else reader.parsed,
             )
