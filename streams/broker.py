@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
@@ -57,7 +58,13 @@ def _alive(pid: int) -> bool:
 
 def wait_for_metadata(bootstrap: str, timeout_s: float, alive: Callable[[], bool] | None = None) -> None:
     """Block until the broker answers a metadata request."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 1000})
+    # Refused connections while the broker starts are expected: log them, not print them.
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "socket.connection.setup.timeout.ms": 1000,
+        "logger": logging.getLogger("streams.rdkafka"),
+    }
+    admin = AdminClient(config)
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while time.monotonic() < deadline:

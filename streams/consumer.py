@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from headwater.errors import HeadwaterError
 from headwater.settings import Settings
@@ -110,7 +118,12 @@ class EventConsumer:
             self._consumer.subscribe(list(self._specs), on_assign=self._on_assign, on_revoke=self._on_revoke)
 
     def _assign_all(self, start: int) -> None:
-        metadata = self._consumer.list_topics(timeout=10)
+        try:
+            metadata = self._consumer.list_topics(timeout=10)
+        except KafkaException as exc:
+            raise HeadwaterError(
+                f"{self.name}: cannot read topic metadata: {exc}; is the broker up?"
+            ) from exc
         partitions = []
         for name in self._specs:
             topic = metadata.topics.get(name)

@@ -27,7 +27,7 @@ WEEK_MS = 7 * 24 * 3600 * 1000
 def _model_key(r: dict[str, Any]) -> str:
     # Versions and aliases are separate keys, so compaction keeps every version and the
     # latest position of every alias.
-    if r["alias"] is not None:
+    if r.get("alias") is not None:  # optional in the schema: absent means a version event
         return f"{r['model_name']}@{r['alias']}"
     return f"{r['model_name']}:{r['version']}"
 

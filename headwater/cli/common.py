@@ -1,0 +1,63 @@
+"""What every command module shares: the settings of the invocation, consoles and small helpers."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import typer
+from confluent_kafka.admin import AdminClient
+from rich.console import Console
+
+from headwater.errors import HeadwaterError
+from headwater.settings import Settings
+from streams.catalog import SchemaCatalog
+from streams.kafka import client_config
+from streams.serde import Serde
+from streams.topics import TopicCatalog
+
+__all__ = ["admin_client", "console", "ensure_topics", "serde_for", "settings_of", "to_json"]
+
+# Tables, progress and status go to stdout through rich; machine-readable output (tail's
+# JSON lines) bypasses rich so that it never wraps or colours.
+console = Console(highlight=False)
+
+
+def settings_of(ctx: typer.Context) -> Settings:
+    """The one Settings object built by the root callback (click passes ``obj`` down to subcommands)."""
+    settings = ctx.obj
+    if not isinstance(settings, Settings):
+        raise HeadwaterError(
+            "internal: the CLI was invoked without settings; use the `headwater` entry point"
+        )
+    return settings
+
+
+def serde_for(settings: Settings) -> Serde:
+    return Serde(SchemaCatalog.load(settings.schemas_dir))
+
+
+def admin_client(settings: Settings) -> AdminClient:
+    """An admin client on the configured Kafka, or the running embedded broker (else a HeadwaterError)."""
+    return AdminClient(client_config(settings))
+
+
+def ensure_topics(settings: Settings) -> tuple[list[str], list[str]]:
+    """Create every missing Headwater topic; returns ``(created, already there)`` physical names."""
+    catalog = TopicCatalog(settings)
+    created = catalog.create_all(admin_client(settings))
+    existing = [catalog.name(s.logical) for s in catalog.specs() if catalog.name(s.logical) not in created]
+    return created, existing
+
+
+def _json_default(value: object) -> Any:
+    # Avro ``bytes`` fields (dead letters' original key and value) are not JSON: base64 them.
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def to_json(value: object) -> str:
+    """One JSON line; bytes become base64 strings."""
+    return json.dumps(value, ensure_ascii=False, default=_json_default)

@@ -1,0 +1,241 @@
+"""`headwater demo`: the platform's main job end to end on embedded defaults (`make demo`).
+
+A sequence of separate steps, each a function printing its own section: start the stack,
+load the real clickstream (the Open Bandit Dataset sample), publish it, consume it back,
+stop what was started. Later capabilities (feature processors, the lake, training,
+serving) join as further steps between publishing and stopping.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from headwater.cli.broker import Stack, start_stack, stop_stack
+from headwater.cli.common import console, serde_for, settings_of, to_json
+from headwater.errors import HeadwaterError
+from headwater.sample_data import CAMPAIGNS, merged_events
+from headwater.settings import Settings
+from streams.consumer import Event, EventConsumer
+from streams.producer import EventProducer
+from streams.serde import Serde
+
+__all__ = ["register"]
+
+RUN_HEADER = "demo_run"  # events of this run carry its id, so earlier runs on a running broker are told apart
+Kind = tuple[str, str, str]  # (topic, event type, action or outcome type)
+
+
+@dataclass
+class Published:
+    count: Counter[Kind] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return sum(self.count.values())
+
+
+@dataclass
+class Arrived:
+    count: Counter[Kind] = field(default_factory=Counter)
+    event_ids: set[str] = field(default_factory=set)
+    samples: dict[Kind, Event] = field(default_factory=dict)
+    earlier_runs: int = 0
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return sum(self.count.values())
+
+
+def _kind(topic: str, event_type: str, record: dict[str, Any]) -> Kind:
+    return topic, event_type, str(record.get("action") or record.get("outcome_type") or "")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console,
+    )  # fmt: skip
+
+
+def _step(n: int, title: str) -> None:
+    console.rule(f"[bold]{n}. {title}", align="left")
+
+
+def step_start_stack(settings: Settings) -> Stack:
+    _step(1, "Start the stack")
+    stack = start_stack(settings)
+    if stack.broker_pid is None:
+        console.print(f"Kafka: external cluster at [bold]{stack.bootstrap}[/]")
+    else:
+        verb = "started" if stack.started else "already running"
+        console.print(
+            f"Kafka: embedded Tansu broker {verb} (pid {stack.broker_pid}) at [bold]{stack.bootstrap}[/]"
+        )
+    console.print(f"topics: {stack.topics_created} created, {stack.topics_existing} already there")
+    return stack
+
+
+def step_load_clickstream(campaigns: list[str], limit: int | None) -> list[tuple[str, dict[str, Any]]]:
+    _step(2, "Load the clickstream")
+    events: list[tuple[str, dict[str, Any]]] = []
+    for event in merged_events(campaigns):
+        if limit is not None and len(events) >= limit:
+            break
+        events.append(event)
+    if not events:
+        raise HeadwaterError("the sample clickstream is empty")
+    kinds = Counter(_kind(topic, "", record)[2] for topic, record in events)
+    users = {r["user_id"] for t, r in events if t == "clicks"}
+    first, last = (datetime.fromtimestamp(events[i][1]["event_time"] / 1000, UTC) for i in (0, -1))
+    console.print(
+        f"Open Bandit Dataset (ZOZOTOWN, uniform-random policy), campaigns {', '.join(campaigns)}: "
+        f"{len(events):,} events from {first:%Y-%m-%d %H:%M} to {last:%Y-%m-%d %H:%M} UTC"
+    )
+    console.print(
+        f"{kinds['IMPRESSION']:,} impressions, {kinds['CLICK']:,} clicks, {kinds['click']:,} click outcomes, "
+        f"{len(users):,} user profiles"
+    )
+    return events
+
+
+def step_publish(
+    settings: Settings, serde: Serde, events: list[tuple[str, dict[str, Any]]], run_id: str
+) -> Published:
+    _step(3, "Publish")
+    published = Published()
+    start = time.perf_counter()
+    with _progress() as progress, EventProducer(settings, serde, client_id="headwater-demo") as producer:
+        task = progress.add_task("publishing", total=len(events))
+        for i, (topic, record) in enumerate(events, start=1):
+            producer.send(topic, record, headers={RUN_HEADER: run_id})
+            published.count[_kind(topic, producer.topics.spec(topic).event_type, record)] += 1
+            if i % 1000 == 0:
+                progress.update(task, completed=i)
+        progress.update(task, description="waiting for delivery reports")
+        producer.flush()
+        progress.update(task, completed=len(events), description="published")
+    published.seconds = time.perf_counter() - start
+    console.print(
+        f"{published.total:,} events delivered in {published.seconds:.1f}s "
+        f"({published.total / published.seconds:,.0f} events/s, idempotent producer, acks=all)"
+    )
+    return published
+
+
+def step_consume(
+    settings: Settings, serde: Serde, published: Published, run_id: str, timeout_s: float
+) -> Arrived:
+    _step(4, "Consume it back")
+    arrived = Arrived()
+    expected = published.total
+    start = time.perf_counter()
+    deadline = time.monotonic() + timeout_s
+    topics = sorted({kind[0] for kind in published.count})
+    with (
+        _progress() as progress,
+        EventConsumer(settings, serde, topics, group_id=None, from_beginning=True, name="demo") as consumer,
+    ):
+        task = progress.add_task("consuming", total=expected)
+        while not (arrived.total >= expected and consumer.caught_up()):
+            if time.monotonic() > deadline:
+                raise HeadwaterError(
+                    f"only {arrived.total:,} of {expected:,} published events were read back "
+                    f"within {timeout_s:.0f}s"
+                )
+            for event in consumer.poll(max_records=1000, timeout_s=0.5):
+                if event.headers.get(RUN_HEADER) != run_id.encode():
+                    arrived.earlier_runs += 1
+                    continue
+                kind = _kind(event.topic, event.event_type, event.record)
+                arrived.count[kind] += 1
+                arrived.event_ids.add(event.record["event_id"])
+                arrived.samples.setdefault(kind, event)
+            progress.update(task, completed=arrived.total)
+    arrived.seconds = time.perf_counter() - start
+    return arrived
+
+
+def step_report(published: Published, arrived: Arrived) -> None:
+    table = Table("topic", "event type", "kind", "published", "arrived", title="events of this run")
+    for kind in sorted(published.count.keys() | arrived.count.keys()):
+        table.add_row(*kind, f"{published.count[kind]:,}", f"{arrived.count[kind]:,}")
+    console.print(table)
+    duplicates = arrived.total - len(arrived.event_ids)
+    console.print(
+        f"{arrived.total:,} events read back in {arrived.seconds:.1f}s "
+        f"({arrived.total / max(arrived.seconds, 1e-9):,.0f} events/s), {duplicates} duplicates"
+        + (f"; {arrived.earlier_runs:,} events of earlier runs skipped" if arrived.earlier_runs else "")
+    )
+    for kind, event in sorted(arrived.samples.items()):
+        console.print(
+            f"[bold]{kind[0]}[/] {kind[2]}: partition {event.partition}, offset {event.offset}, "
+            f"key {(event.key or b'').decode(errors='replace')}"
+        )
+        console.print_json(to_json(event.record))
+    if arrived.count != published.count:
+        raise HeadwaterError("the events read back differ from those published (see the table above)")
+
+
+def step_stop(settings: Settings, stack: Stack, keep_running: bool) -> None:
+    _step(5, "Stop")
+    if not stack.started:
+        console.print("nothing to stop: the demo did not start Kafka")
+    elif keep_running:
+        console.print(
+            f"the embedded broker keeps running at {stack.bootstrap} (memory only): try "
+            "`headwater tail clicks --limit 3`, stop it with `headwater down`"
+        )
+    else:
+        pid = stop_stack(settings)
+        console.print(f"stopped the embedded broker (pid {pid})")
+
+
+def demo(
+    ctx: typer.Context,
+    campaign: Annotated[
+        list[str] | None,
+        typer.Option("--campaign", "-c", help=f"Campaign to publish, repeatable: {', '.join(CAMPAIGNS)}."),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", "-n", min=1, help="Publish only the first N events.")
+    ] = None,
+    keep_running: Annotated[
+        bool, typer.Option("--keep-running", help="Leave the broker this demo started running.")
+    ] = False,
+    timeout_s: Annotated[
+        float, typer.Option("--timeout", min=1.0, help="Seconds to wait for the events to come back.")
+    ] = 60.0,
+) -> None:
+    """Run the platform end to end: start Kafka, publish the real clickstream, read it back, stop."""
+    settings = settings_of(ctx)
+    campaigns = campaign or list(CAMPAIGNS)
+    unknown = [c for c in campaigns if c not in CAMPAIGNS]
+    if unknown:
+        raise typer.BadParameter(f"unknown campaign {unknown[0]!r}; choose from {', '.join(CAMPAIGNS)}")
+    run_id = uuid.uuid4().hex[:12]
+    console.rule(f"[bold]Headwater demo[/] (run {run_id})")
+    stack = step_start_stack(settings)
+    try:
+        serde = serde_for(settings)
+        events = step_load_clickstream(campaigns, limit)
+        published = step_publish(settings, serde, events, run_id)
+        arrived = step_consume(settings, serde, published, run_id, timeout_s)
+        step_report(published, arrived)
+    finally:
+        step_stop(settings, stack, keep_running)
+    console.rule("[bold green]demo complete")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(demo)
