@@ -42,8 +42,10 @@ class OnlineStoreSettings(BaseModel):
     path: Path | None = Field(None, description="LMDB directory; default <data_dir>/online")
     map_size_mb: int = Field(4096, ge=16, description="LMDB map size (virtual; grows the file lazily)")
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_key_prefix: str = Field("hw:", description="Prefix of every online-store key in Redis")
     aerospike_hosts: str | None = Field(None, description="host:port[,host:port]; unset means not configured")
     aerospike_namespace: str = "test"
+    aerospike_set: str = Field("headwater_features", max_length=63, description="Aerospike set of records")
 
 
 class OfflineStoreSettings(BaseModel):

@@ -1,0 +1,139 @@
+"""The online store interface: latest feature values per (feature set, entity).
+
+The online store keeps, per (feature set, entity), the latest values of the feature set with
+the event time they are valid from, the time they were written and an optional expiry.
+Writes are **newer-wins** on event time (DESIGN.md §5): an update whose event time is older
+than the stored one is dropped, so late events and backfills never overwrite fresher values;
+an update whose event time equals the stored one is dropped too, which makes replays
+idempotent (an update is identified by feature set, entity and event time, like the
+``event_id`` of a FeatureUpdate event). Each backend compares and writes atomically, so the
+rule holds with any number of concurrent writer processes.
+
+An update replaces the whole record: it carries every feature of the feature set at that
+event time, as a FeatureUpdate event does, so the latest update per key rebuilds the store.
+
+TTL is by event time: a record written with ``ttl_s`` reads as missing from
+``event time + ttl_s`` on (values describing an old moment stop being served).
+
+The stored bytes are the same on every backend: see :mod:`serving.online_store.codec`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import ClassVar, NamedTuple, Self
+
+from headwater.errors import HeadwaterError
+
+__all__ = [
+    "FeatureRow",
+    "OnlineStore",
+    "OnlineStoreError",
+    "Row",
+    "Value",
+    "check_feature_set",
+    "epoch_ms",
+]
+
+Value = None | bool | int | float | str
+"""A feature value: what the FeatureUpdate event's value union can carry."""
+
+Row = tuple[str, int, Mapping[str, Value]]
+"""An update to write: (entity key, event time in epoch ms, feature name -> value)."""
+
+_FEATURE_SET_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
+
+
+class OnlineStoreError(HeadwaterError):
+    """An online-store write or read failed, or was given something it cannot store."""
+
+
+class FeatureRow(NamedTuple):
+    """What :meth:`OnlineStore.get_batch` returns for one entity.
+
+    ``values`` has exactly the requested features, None where the feature (or the whole
+    entity) is missing. For a missing or expired entity the three times are None.
+    """
+
+    values: dict[str, Value]
+    event_time_ms: int | None
+    write_time_ms: int | None
+    age_ms: int | None  # now - event time, at the ``now_ms`` of the read
+
+    @property
+    def found(self) -> bool:
+        return self.event_time_ms is not None
+
+
+class OnlineStore(ABC):
+    """Latest feature values per (feature set, entity); newer-wins writes, batched reads.
+
+    Open one with :func:`serving.online_store.open_online_store`. Instances are not meant to be
+    shared across ``fork``: open the store in each process.
+    """
+
+    backend: ClassVar[str]
+
+    @abstractmethod
+    def put_batch(
+        self,
+        feature_set: str,
+        rows: Iterable[Row],
+        *,
+        ttl_s: float | None = None,
+        write_time_ms: int | None = None,
+    ) -> int:
+        """Apply updates newer-wins; return how many records were written.
+
+        ``ttl_s`` makes the written records expire ``ttl_s`` seconds after their *event* time
+        (a feature set's TTL: values describing an old moment stop being served).
+        ``write_time_ms`` defaults to now. Several updates of one entity in the same batch
+        behave as if applied one by one: the newest wins, the first of equal ones stands.
+        """
+
+    @abstractmethod
+    def get_batch(
+        self,
+        feature_set: str,
+        entity_keys: Sequence[str],
+        features: Sequence[str],
+        *,
+        now_ms: int | None = None,
+    ) -> list[FeatureRow]:
+        """Read many entities in one round trip; one :class:`FeatureRow` per key, in order.
+
+        Records expired at ``now_ms`` (default: now) read as missing.
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections and handles; the store is unusable afterwards."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def epoch_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def check_feature_set(name: str) -> str:
+    """Feature set names become key prefixes: keep them to a safe alphabet."""
+    if not isinstance(name, str) or not _FEATURE_SET_RE.fullmatch(name):
+        raise OnlineStoreError(
+            f"invalid feature set name {name!r}: use 1-128 letters, digits, '_', '.' or '-', "
+            "not starting with '.' or '-'"
+        )
+    return name

@@ -1,0 +1,234 @@
+"""The stored record format, the same on every backend, and its fast decoder.
+
+A record is a 32-byte header of four big-endian signed 64-bit integers — event time, write
+time, expires-at (epoch ms; 0 means never) and schema id — followed by the feature values as
+one msgpack array. A *schema* is the tuple of feature names of an update, stored once per
+store under its id (the 64-bit BLAKE2b of the msgpack-encoded names) and cached by every
+process that reads it.
+
+Why not a msgpack map per record: decoding a 50-key map builds 50 key strings on every read
+(~10 µs); an array of values decodes in under 2 µs and is 40% smaller, and the names are
+decoded once per process. Why the event time comes first: Redis' Lua script reads it from
+the first 8 bytes to decide newer-wins without decoding anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import NamedTuple
+
+import msgpack
+
+from serving.online_store.base import FeatureRow, OnlineStoreError, Row, Value, check_feature_set, epoch_ms
+
+__all__ = ["HEADER", "MAX_EVENT_TIME_MS", "Buffer", "PreparedRow", "RecordCodec", "event_time_of"]
+
+HEADER = struct.Struct(">qqqq")
+# Redis' Lua numbers are doubles: event times above 2**53 would compare inexactly there.
+MAX_EVENT_TIME_MS = 2**53 - 1
+_CACHE_LIMIT = 4096
+
+Buffer = bytes | bytearray | memoryview
+SchemaLoader = Callable[[int], Buffer | None]
+_Projection = Callable[[list[Value]], dict[str, Value]]
+
+_SCALAR_TYPES = frozenset({type(None), bool, int, float, str})
+_STR_TYPE = frozenset({str})
+_unpack_header = HEADER.unpack_from
+_unpackb = msgpack.unpackb
+_packb = msgpack.packb
+
+
+class PreparedRow(NamedTuple):
+    """An update validated and encoded once, before a backend's write loop."""
+
+    entity_key: str
+    event_time_ms: int
+    expires_at_ms: int  # 0: never
+    record: bytes
+
+
+def event_time_of(record: Buffer) -> int:
+    return int(_unpack_header(record)[0])
+
+
+class RecordCodec:
+    """Encodes batches of updates and decodes records; one per store instance.
+
+    Caches schema ids by names (writes) and names plus the index arithmetic of each
+    (schema, requested features) pair (reads), so a read does one msgpack call per record.
+    """
+
+    def __init__(self) -> None:
+        self._ids: dict[tuple[str, ...], tuple[int, bytes]] = {}
+        self._names: dict[int, tuple[str, ...]] = {}
+        self._projections: dict[tuple[int, tuple[str, ...]], _Projection] = {}
+
+    def encode(
+        self, feature_set: str, rows: Iterable[Row], ttl_s: float | None, write_time_ms: int | None
+    ) -> tuple[list[PreparedRow], dict[int, bytes]]:
+        """Validate and encode a batch, keeping only the newest update per entity.
+
+        Returns the rows and the schemas they use (id -> encoded names), which the backend
+        stores (create-only) along with the rows. Reducing to one update per entity first
+        gives one backend write per entity and the same outcome as applying the updates one
+        at a time under newer-wins (the first of equal event times stands).
+        """
+        check_feature_set(feature_set)
+        if ttl_s is not None and not ttl_s > 0:
+            raise OnlineStoreError(f"ttl_s must be positive or None (no expiry), got {ttl_s!r}")
+        ttl_ms = 0 if ttl_s is None else max(1, round(ttl_s * 1000))
+        write_time = epoch_ms() if write_time_ms is None else operator.index(write_time_ms)
+
+        newest: dict[str, tuple[int, Mapping[str, Value]]] = {}
+        for entity_key, event_time_ms, values in rows:
+            try:
+                event_time = operator.index(event_time_ms)
+            except TypeError as exc:
+                raise OnlineStoreError(
+                    f"{feature_set}/{entity_key}: event time must be an integer (epoch ms), "
+                    f"got {event_time_ms!r}"
+                ) from exc
+            kept = newest.get(entity_key)
+            if kept is None or event_time > kept[0]:
+                newest[entity_key] = (event_time, values)
+
+        prepared: list[PreparedRow] = []
+        schemas: dict[int, bytes] = {}
+        for entity_key, (event_time, values) in newest.items():
+            if not isinstance(entity_key, str) or not entity_key:
+                raise OnlineStoreError(
+                    f"{feature_set}: entity keys must be non-empty strings, got {entity_key!r}"
+                )
+            if not 0 <= event_time <= MAX_EVENT_TIME_MS:
+                raise OnlineStoreError(
+                    f"{feature_set}/{entity_key}: event time {event_time} is outside 0..2**53-1 epoch ms"
+                )
+            body = values if type(values) is dict else dict(values)
+            # Type checks over map() run in C: cheap enough for backfills of millions of rows.
+            if not _SCALAR_TYPES.issuperset(map(type, body.values())) or not _STR_TYPE.issuperset(
+                map(type, body)
+            ):
+                body = _normalize_values(feature_set, entity_key, body)
+            names = tuple(body)
+            schema = self._ids.get(names) or self._register(names)
+            schemas[schema[0]] = schema[1]
+            try:
+                payload = _packb(list(body.values()))
+            except (OverflowError, TypeError, ValueError) as exc:
+                raise OnlineStoreError(f"{feature_set}/{entity_key}: cannot encode values: {exc}") from exc
+            expires_at = event_time + ttl_ms if ttl_ms else 0
+            header = HEADER.pack(event_time, write_time, expires_at, schema[0])
+            prepared.append(PreparedRow(entity_key, event_time, expires_at, header + payload))
+        return prepared, schemas
+
+    def _register(self, names: tuple[str, ...]) -> tuple[int, bytes]:
+        encoded = _packb(list(names))
+        schema_id = int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "big", signed=True)
+        if len(self._ids) >= _CACHE_LIMIT:
+            self._ids.clear()
+        self._ids[names] = (schema_id, encoded)
+        return schema_id, encoded
+
+    def decode(
+        self,
+        records: Iterable[Buffer | None],
+        features: Sequence[str],
+        now: int,
+        load_schema: SchemaLoader,
+    ) -> list[FeatureRow]:
+        """One :class:`FeatureRow` per record (None: missing); the read path, so kept lean.
+
+        ``load_schema`` fetches an encoded schema by id from the store; it is called only the
+        first time this process meets a schema.
+        """
+        feats = tuple(features)
+        in_call: dict[int, _Projection] = {}  # avoids hashing ``feats`` once per record
+        rows: list[FeatureRow] = []
+        append = rows.append
+        for record in records:
+            if record is None:
+                append(FeatureRow(dict.fromkeys(feats), None, None, None))
+                continue
+            event_time, write_time, expires_at, schema_id = _unpack_header(record)
+            if expires_at and now >= expires_at:
+                append(FeatureRow(dict.fromkeys(feats), None, None, None))
+                continue
+            project = in_call.get(schema_id)
+            if project is None:
+                project = in_call[schema_id] = self._projection(schema_id, feats, load_schema)
+            append(FeatureRow(project(_unpackb(record[32:])), event_time, write_time, now - event_time))
+        return rows
+
+    def _projection(self, schema_id: int, feats: tuple[str, ...], load_schema: SchemaLoader) -> _Projection:
+        """A function from a record's value array to the requested {feature: value}."""
+        cached = self._projections.get((schema_id, feats))
+        if cached is not None:
+            return cached
+        names = self._names.get(schema_id)
+        if names is None:
+            encoded = load_schema(schema_id)
+            if encoded is None:
+                raise OnlineStoreError(
+                    f"a record refers to feature schema {schema_id}, which the store does not hold: "
+                    "it was written by a foreign or interrupted writer; rewrite the feature set"
+                )
+            names = self._names[schema_id] = tuple(_unpackb(encoded))
+
+        project: _Projection
+        if names == feats:
+
+            def project(values: list[Value]) -> dict[str, Value]:
+                return dict(zip(feats, values, strict=True))
+
+        else:
+            # Requested features the record lacks point at a None appended to the values.
+            position = {name: i for i, name in enumerate(names)}
+            indexes = [position.get(feature, len(names)) for feature in feats]
+            if len(indexes) == 1:
+                only, (feature,) = indexes[0], feats
+
+                def project(values: list[Value]) -> dict[str, Value]:
+                    values.append(None)
+                    return {feature: values[only]}
+
+            elif not indexes:
+
+                def project(values: list[Value]) -> dict[str, Value]:
+                    return {}
+
+            else:
+                pick = operator.itemgetter(*indexes)
+
+                def project(values: list[Value]) -> dict[str, Value]:
+                    values.append(None)
+                    return dict(zip(feats, pick(values), strict=True))
+
+        if len(self._projections) >= _CACHE_LIMIT:
+            self._projections.clear()
+        self._projections[(schema_id, feats)] = project
+        return project
+
+
+def _normalize_values(feature_set: str, entity_key: str, body: Mapping[object, object]) -> dict[str, Value]:
+    """The slow path: accept subclasses and numpy scalars (pandas backfills), reject the rest."""
+    clean: dict[str, Value] = {}
+    for name, value in body.items():
+        if not isinstance(name, str):
+            raise OnlineStoreError(f"{feature_set}/{entity_key}: feature names must be strings, got {name!r}")
+        item = value.item() if hasattr(value, "item") and hasattr(value, "dtype") else value
+        for scalar in (bool, int, float, str):  # bool first: it is an int subclass
+            if isinstance(item, scalar):
+                clean[str(name)] = scalar(item)
+                break
+        else:
+            if item is not None:
+                raise OnlineStoreError(
+                    f"{feature_set}/{entity_key}: feature {name!r} has a {type(value).__name__}; "
+                    "values must be None, bool, int, float or str"
+                )
+            clean[str(name)] = None
+    return clean

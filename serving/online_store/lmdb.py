@@ -1,0 +1,181 @@
+"""LMDB online store: the embedded default (DESIGN.md §3).
+
+One memory-mapped environment on local disk; the processors' writer process and any number
+of serving processes open it at once. LMDB runs one write transaction at a time across all
+processes (a mutex in the lock file), so the read-compare-write of newer-wins inside a write
+transaction is atomic with no retry loop. Readers never block and are never blocked: each
+``get_batch`` opens a fresh read transaction, which sees every write committed before it.
+
+Keys are ``<feature set> NUL <entity key>`` in the one unnamed database, values the shared
+record format of :mod:`serving.online_store.codec`; schemas live under ``#schema NUL <id>``
+(feature set names cannot start with ``#``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import lmdb
+
+from serving.online_store.base import (
+    FeatureRow,
+    OnlineStore,
+    OnlineStoreError,
+    Row,
+    check_feature_set,
+    epoch_ms,
+)
+from serving.online_store.codec import RecordCodec, event_time_of
+
+__all__ = ["LmdbOnlineStore"]
+
+log = logging.getLogger(__name__)
+
+# Reader slots live in the lock file and are fixed by the first process that opens the
+# environment; serving replicas with thread pools need more than LMDB's default 126.
+MAX_READERS = 1024
+MAX_KEY_BYTES = 511  # LMDB's compile-time key limit
+_SCHEMA_PREFIX = b"#schema\0"
+
+# LMDB must not be opened twice in one process (closing either handle drops the other's
+# POSIX locks), and a handle must not cross fork. Hence one shared handle per (pid, path).
+_envs: dict[tuple[int, str], tuple[lmdb.Environment, int]] = {}
+_envs_lock = threading.Lock()
+
+
+def _acquire_env(path: Path, map_size: int) -> lmdb.Environment:
+    path.mkdir(parents=True, exist_ok=True)
+    key = (os.getpid(), str(path.resolve()))
+    with _envs_lock:
+        if key in _envs:
+            env, refs = _envs[key]
+            _envs[key] = (env, refs + 1)
+            return env
+        try:
+            env = lmdb.open(
+                key[1],
+                map_size=map_size,
+                max_readers=MAX_READERS,
+                max_dbs=0,
+                readahead=False,  # random point reads: read-ahead only pollutes the page cache
+                meminit=False,
+                lock=True,
+            )
+            # Free the reader slots of processes that died holding a read transaction.
+            stale = env.reader_check()
+        except lmdb.Error as exc:
+            raise OnlineStoreError(f"cannot open the LMDB online store at {path}: {exc}") from exc
+        if stale:
+            log.info("cleared %d stale LMDB reader slots in %s", stale, path)
+        _envs[key] = (env, 1)
+        return env
+
+
+def _release_env(env: lmdb.Environment) -> None:
+    with _envs_lock:
+        for key, (cached, refs) in list(_envs.items()):
+            if cached is env:
+                if refs > 1:
+                    _envs[key] = (cached, refs - 1)
+                else:
+                    del _envs[key]
+                    env.close()
+                return
+
+
+class LmdbOnlineStore(OnlineStore):
+    """Online store in an LMDB environment at ``path`` (created if missing)."""
+
+    backend = "lmdb"
+
+    def __init__(self, path: Path, map_size_mb: int = 4096) -> None:
+        self.path = path
+        self._map_size_mb = map_size_mb
+        self._env: lmdb.Environment | None = _acquire_env(path, map_size_mb * 1024 * 1024)
+        self._codec = RecordCodec()
+
+    def _live_env(self) -> lmdb.Environment:
+        if self._env is None:
+            raise OnlineStoreError(f"the LMDB online store at {self.path} is closed: open a new one")
+        return self._env
+
+    def put_batch(
+        self,
+        feature_set: str,
+        rows: Iterable[Row],
+        *,
+        ttl_s: float | None = None,
+        write_time_ms: int | None = None,
+    ) -> int:
+        env = self._live_env()
+        prepared, schemas = self._codec.encode(feature_set, rows, ttl_s, write_time_ms)
+        if not prepared:
+            return 0
+        prefix = feature_set.encode() + b"\0"
+        written = 0
+        try:
+            with env.begin(write=True) as txn:
+                for schema_id, names in schemas.items():
+                    txn.put(_schema_key(schema_id), names, overwrite=False)
+                for row in prepared:
+                    key = prefix + row.entity_key.encode()
+                    if len(key) > MAX_KEY_BYTES:
+                        raise OnlineStoreError(
+                            f"{feature_set}/{row.entity_key[:40]}...: key is {len(key)} bytes, "
+                            f"LMDB allows {MAX_KEY_BYTES}: shorten the entity key"
+                        )
+                    current = txn.get(key)
+                    if current is not None and event_time_of(current) >= row.event_time_ms:
+                        continue
+                    txn.put(key, row.record)
+                    written += 1
+        except lmdb.MapFullError as exc:
+            raise OnlineStoreError(
+                f"the LMDB online store at {self.path} is full ({self._map_size_mb} MiB): "
+                "raise online_store.map_size_mb (it is virtual; the file grows as needed)"
+            ) from exc
+        except lmdb.Error as exc:
+            raise OnlineStoreError(f"LMDB write to {self.path} failed: {exc}") from exc
+        return written
+
+    def get_batch(
+        self,
+        feature_set: str,
+        entity_keys: Sequence[str],
+        features: Sequence[str],
+        *,
+        now_ms: int | None = None,
+    ) -> list[FeatureRow]:
+        env = self._live_env()
+        now = epoch_ms() if now_ms is None else now_ms
+        prefix = check_feature_set(feature_set).encode() + b"\0"
+        try:
+            # buffers=True: values are memoryviews into the map, decoded without a copy
+            # while the transaction is open.
+            with env.begin(buffers=True) as txn:
+                get = txn.get
+                return self._codec.decode(
+                    (get(prefix + key.encode()) for key in entity_keys),
+                    features,
+                    now,
+                    lambda schema_id: get(_schema_key(schema_id)),
+                )
+        except lmdb.BadValsizeError as exc:
+            raise OnlineStoreError(
+                f"{feature_set}: an entity key is longer than LMDB's {MAX_KEY_BYTES}-byte limit"
+            ) from exc
+        except lmdb.Error as exc:
+            raise OnlineStoreError(f"LMDB read from {self.path} failed: {exc}") from exc
+
+    def close(self) -> None:
+        if self._env is not None:
+            _release_env(self._env)
+            self._env = None
+
+
+def _schema_key(schema_id: int) -> bytes:
+    return _SCHEMA_PREFIX + schema_id.to_bytes(8, "big", signed=True)

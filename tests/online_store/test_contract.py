@@ -1,0 +1,272 @@
+"""The online-store contract, written once and run against every reachable backend.
+
+Each test gets ``store`` (an open store of one backend: see conftest.py) and ``fs``, a feature
+set name of its own. Multi-process tests use the ``spawn`` start method, so every child opens
+the store from scratch as a separate serving or writer process would.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import random
+import time
+from typing import Any
+
+import pytest
+
+from headwater.errors import ConfigError, HeadwaterError
+from headwater.settings import Settings, load_settings
+from serving.online_store import FeatureRow, OnlineStore, OnlineStoreError, open_online_store
+from serving.online_store.base import epoch_ms
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_000_000
+PROCESS_TIMEOUT_S = 60.0
+
+VALUES: dict[str, Any] = {
+    "clicks_1h": 3,
+    "ctr_24h": 0.125,
+    "is_new": True,
+    "was_bot": False,
+    "last_item": "item-42 ✓",
+    "empty": "",
+    "missing_window": None,
+    "big": 2**62,
+    "most_negative": -(2**63),
+    "negative_float": -1.5e-300,
+}
+
+
+def _only(rows: list[FeatureRow]) -> FeatureRow:
+    assert len(rows) == 1
+    return rows[0]
+
+
+def test_round_trip_keeps_types_and_times(store: OnlineStore, fs: str) -> None:
+    written = store.put_batch(
+        fs, [("u1", T0, VALUES), ("u2", T0 + 5, {"clicks_1h": 7})], write_time_ms=T0 + 9
+    )
+    assert written == 2
+
+    row = _only(store.get_batch(fs, ["u1"], list(VALUES), now_ms=T0 + 1_000))
+    assert row.found
+    assert row.values == VALUES
+    assert [type(v) for v in row.values.values()] == [type(v) for v in VALUES.values()]
+    assert (row.event_time_ms, row.write_time_ms, row.age_ms) == (T0, T0 + 9, 1_000)
+
+    # Default write time is the wall clock at the write.
+    before = epoch_ms()
+    store.put_batch(fs, [("u3", T0, {"clicks_1h": 1})])
+    after = epoch_ms()
+    written_at = _only(store.get_batch(fs, ["u3"], ["clicks_1h"])).write_time_ms
+    assert written_at is not None
+    assert before <= written_at <= after
+
+
+def test_features_in_any_order_subset_and_schema(store: OnlineStore, fs: str) -> None:
+    store.put_batch(fs, [("a", T0, {"x": 1, "y": 2})])
+    store.put_batch(fs, [("b", T0, {"z": 30, "y": 20, "x": 10})])  # another feature list and order
+
+    rows = store.get_batch(fs, ["a", "b"], ["z", "x"], now_ms=T0)
+    assert [r.values for r in rows] == [{"z": None, "x": 1}, {"z": 30, "x": 10}]
+    assert [r.values for r in store.get_batch(fs, ["b", "a"], ["y"], now_ms=T0)] == [{"y": 20}, {"y": 2}]
+    assert [r.values for r in store.get_batch(fs, ["a"], [], now_ms=T0)] == [{}]
+    assert store.get_batch(fs, [], ["x"], now_ms=T0) == []
+
+
+def test_missing_entities_features_and_feature_sets(store: OnlineStore, fs: str) -> None:
+    store.put_batch(fs, [("u1", T0, {"a": 1})])
+
+    rows = store.get_batch(fs, ["nobody", "u1", "nobody-else"], ["a", "unknown"], now_ms=T0 + 1)
+    assert [r.found for r in rows] == [False, True, False]
+    assert rows[0] == FeatureRow({"a": None, "unknown": None}, None, None, None)
+    assert rows[1].values == {"a": 1, "unknown": None}
+    # Feature sets are separate key spaces.
+    assert not _only(store.get_batch(fs + "_other", ["u1"], ["a"], now_ms=T0 + 1)).found
+
+
+def test_newer_wins_over_out_of_order_and_duplicated_updates(store: OnlineStore, fs: str) -> None:
+    assert store.put_batch(fs, [("u", T0 + 100, {"v": "t100"})], write_time_ms=1) == 1
+    assert store.put_batch(fs, [("u", T0 + 50, {"v": "late t50"})], write_time_ms=2) == 0  # late event
+    assert store.put_batch(fs, [("u", T0 + 100, {"v": "replay t100"})], write_time_ms=3) == 0  # equal: no-op
+    row = _only(store.get_batch(fs, ["u"], ["v"], now_ms=T0 + 100))
+    assert (row.values, row.event_time_ms, row.write_time_ms) == ({"v": "t100"}, T0 + 100, 1)
+
+    assert store.put_batch(fs, [("u", T0 + 150, {"v": "t150"})]) == 1
+    assert _only(store.get_batch(fs, ["u"], ["v"], now_ms=T0)).values == {"v": "t150"}
+
+    # Inside one batch too: the newest update per entity wins, the first of equal ones stands.
+    batch = [("w", T0 + 300, {"v": "X"}), ("w", T0 + 200, {"v": "Y"}), ("w", T0 + 300, {"v": "Z"})]
+    assert store.put_batch(fs, batch) == 1
+    assert store.put_batch(fs, batch) == 0  # the whole batch again: idempotent
+    assert _only(store.get_batch(fs, ["w"], ["v"], now_ms=T0)).values == {"v": "X"}
+
+    # A backfill over many entities only fills what is older or absent.
+    backfill = [("u", T0 + 120, {"v": "old"}), ("w", T0 + 400, {"v": "newer"}), ("n", T0, {"v": "new"})]
+    assert store.put_batch(fs, backfill) == 2
+    rows = store.get_batch(fs, ["u", "w", "n"], ["v"], now_ms=T0)
+    assert [r.values["v"] for r in rows] == ["t150", "newer", "new"]
+
+
+def test_ttl_expires_by_event_time(store: OnlineStore, fs: str) -> None:
+    # Event times near the wall clock: Redis and Aerospike also expire records physically.
+    base = epoch_ms()
+    store.put_batch(fs, [("short", base - 1_000, {"v": 1})], ttl_s=3_600)
+    store.put_batch(fs, [("forever", base - 1_000, {"v": 2})])
+    expires_at = base - 1_000 + 3_600_000
+
+    def found(now: int) -> list[bool]:
+        return [r.found for r in store.get_batch(fs, ["short", "forever"], ["v"], now_ms=now)]
+
+    row = store.get_batch(fs, ["short"], ["v"], now_ms=base)[0]
+    assert (row.values, row.age_ms) == ({"v": 1}, 1_000)
+    assert found(expires_at - 1) == [True, True]
+    assert found(expires_at) == [False, True]
+    assert found(base + 10 * 365 * 86_400_000) == [False, True]
+
+    # A newer update brings the entity back with a fresh TTL.
+    store.put_batch(fs, [("short", base, {"v": 3})], ttl_s=3_600)
+    assert _only(store.get_batch(fs, ["short"], ["v"], now_ms=expires_at)).values == {"v": 3}
+
+
+def test_another_store_instance_sees_the_data(store: OnlineStore, store_settings: Settings, fs: str) -> None:
+    store.put_batch(fs, [("u", T0, {"a": 1})])
+    with open_online_store(store_settings) as second:
+        assert _only(second.get_batch(fs, ["u"], ["a"], now_ms=T0)).values == {"a": 1}
+        second.put_batch(fs, [("u", T0 + 1, {"a": 2})])
+    # Closing the second instance leaves the first usable (LMDB shares one handle per process).
+    assert _only(store.get_batch(fs, ["u"], ["a"], now_ms=T0)).values == {"a": 2}
+
+
+def test_rejects_what_it_cannot_store(store: OnlineStore, fs: str) -> None:
+    bad: list[tuple[str, list[Any], dict[str, Any]]] = [
+        ("a list value", [("u", T0, {"a": [1, 2]})], {}),
+        ("a float event time", [("u", 1.5, {"a": 1})], {}),
+        ("a negative event time", [("u", -1, {"a": 1})], {}),
+        ("an empty entity key", [("", T0, {"a": 1})], {}),
+        ("a non-string feature name", [("u", T0, {1: 1})], {}),
+        ("an int above 64 bits", [("u", T0, {"a": 2**64})], {}),
+        ("a zero TTL", [("u", T0, {"a": 1})], {"ttl_s": 0}),
+    ]
+    for what, rows, kwargs in bad:
+        with pytest.raises(OnlineStoreError):
+            store.put_batch(fs, rows, **kwargs)
+            pytest.fail(f"accepted {what}")
+    with pytest.raises(OnlineStoreError, match="invalid feature set name"):
+        store.get_batch("no:colons", ["u"], ["a"])
+    assert not _only(store.get_batch(fs, ["u"], ["a"])).found  # nothing was half-written
+
+
+# --- several processes ------------------------------------------------------------------
+
+WRITERS = 4
+ROUNDS = 60
+KEYS = [f"user-{i}" for i in range(16)]
+
+
+def _values(key: str, event_time: int) -> dict[str, Any]:
+    return {"t": event_time, "s": f"{key}@{event_time}", "half": event_time / 2, "even": event_time % 2 == 0}
+
+
+def _writer(settings: Settings, fs: str, writer: int, start: Any) -> None:
+    """Writes event times interleaved with the other writers', late and replayed ones included.
+
+    Rounds go roughly forward (shuffled within windows of 6) so that every writer keeps
+    contending for the newest value of every key until the end.
+    """
+    rng = random.Random(writer)
+    rounds = list(range(ROUNDS))
+    order = [r for w in range(0, ROUNDS, 6) for r in rng.sample(rounds[w : w + 6], len(rounds[w : w + 6]))]
+    with open_online_store(settings) as store:
+        start.wait(PROCESS_TIMEOUT_S)
+        for r in order:
+            keys = KEYS[:]
+            rng.shuffle(keys)
+            event_time = T0 + r * WRITERS + writer
+            store.put_batch(fs, [(key, event_time, _values(key, event_time)) for key in keys])
+            if r % 5 == 0:  # a replay of an old update
+                store.put_batch(fs, [(keys[0], T0 + writer, _values(keys[0], T0 + writer))])
+
+
+def test_newer_wins_under_concurrent_writer_processes(
+    store: OnlineStore, store_settings: Settings, fs: str
+) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(WRITERS + 1)
+    procs = [ctx.Process(target=_writer, args=(store_settings, fs, w, start)) for w in range(WRITERS)]
+    for proc in procs:
+        proc.start()
+    try:
+        start.wait(PROCESS_TIMEOUT_S)
+        # While they write, the stored event time of a key must never go back: an older
+        # update overwriting a newer one, even for a moment, is a lost compare-and-set.
+        seen = dict.fromkeys(KEYS, -1)
+        regressions = []
+        deadline = time.monotonic() + PROCESS_TIMEOUT_S
+        while any(proc.is_alive() for proc in procs) and time.monotonic() < deadline:
+            for key, row in zip(KEYS, store.get_batch(fs, KEYS, ["t"]), strict=True):
+                if row.event_time_ms is not None:
+                    if row.event_time_ms < seen[key]:
+                        regressions.append((key, seen[key], row.event_time_ms))
+                    seen[key] = max(seen[key], row.event_time_ms)
+    finally:
+        for proc in procs:
+            proc.join(PROCESS_TIMEOUT_S)
+    assert [proc.exitcode for proc in procs] == [0] * WRITERS
+    assert regressions == []
+
+    newest = T0 + (ROUNDS - 1) * WRITERS + (WRITERS - 1)
+    rows = store.get_batch(fs, KEYS, ["t", "s", "half", "even"], now_ms=newest)
+    for key, row in zip(KEYS, rows, strict=True):
+        assert (row.event_time_ms, row.values) == (newest, _values(key, newest)), key
+
+
+def _reader(settings: Settings, fs: str, opened: Any, written: Any, results: Any) -> None:
+    with open_online_store(settings) as store:
+        results.put(store.get_batch(fs, ["u1", "u2"], ["a"], now_ms=T0)[0].found)
+        opened.set()
+        if not written.wait(PROCESS_TIMEOUT_S):
+            raise TimeoutError("the parent never wrote")
+        results.put([r.values for r in store.get_batch(fs, ["u1", "u2"], ["a"], now_ms=T0)])
+
+
+def test_reader_process_sees_writes_committed_after_it_opened(
+    store: OnlineStore, store_settings: Settings, fs: str
+) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    opened, written, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    reader = ctx.Process(target=_reader, args=(store_settings, fs, opened, written, results))
+    reader.start()
+    try:
+        assert opened.wait(PROCESS_TIMEOUT_S), "the reader process did not open the store"
+        assert results.get(timeout=PROCESS_TIMEOUT_S) is False
+        store.put_batch(fs, [("u1", T0, {"a": 1}), ("u2", T0, {"a": 2})])
+        written.set()
+        assert results.get(timeout=PROCESS_TIMEOUT_S) == [{"a": 1}, {"a": 2}]
+    finally:
+        reader.join(PROCESS_TIMEOUT_S)
+    assert reader.exitcode == 0
+
+
+# --- backend selection --------------------------------------------------------------------
+
+
+def test_aerospike_needs_hosts(tmp_path: Any) -> None:
+    settings = load_settings(data_dir=tmp_path, online_store={"type": "aerospike"})
+    with pytest.raises(ConfigError, match="aerospike_hosts"):
+        open_online_store(settings)
+
+
+def test_aerospike_without_its_client_says_what_to_install(tmp_path: Any) -> None:
+    # Port 9 on loopback: nothing listens, so with a client installed this fails fast too.
+    settings = load_settings(
+        data_dir=tmp_path, online_store={"type": "aerospike", "aerospike_hosts": "127.0.0.1:9"}
+    )
+    if importlib.util.find_spec("aerospike") is None:
+        with pytest.raises(ConfigError, match="pip install aerospike"):
+            open_online_store(settings)
+    else:
+        with pytest.raises(HeadwaterError, match="cannot connect"):
+            open_online_store(settings)
