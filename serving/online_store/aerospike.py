@@ -119,7 +119,7 @@ class AerospikeOnlineStore(OnlineStore):
         if row.expires_at_ms:
             ttl = max(1, math.ceil((row.expires_at_ms - epoch_ms()) / 1000))
         for _ in range(_MAX_CAS_ATTEMPTS):
-            if stored is not None and stored[1] >= row.event_time_ms:
+            if stored is not None and stored[1] > row.event_time_ms:
                 return False
             try:
                 if stored is None:

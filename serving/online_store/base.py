@@ -4,8 +4,11 @@ The online store keeps, per (feature set, entity), the latest values of the feat
 the event time they are valid from, the time they were written and an optional expiry.
 Writes are **newer-wins** on event time (DESIGN.md §5): an update whose event time is older
 than the stored one is dropped, so late events and backfills never overwrite fresher values;
-an update whose event time equals the stored one is dropped too, which makes replays
-idempotent (an update is identified by feature set, entity and event time, like the
+an update whose event time equals the stored one replaces it (last write wins on ties):
+several updates can share an event time (events in the same millisecond; the last one
+emitted holds them all, see :mod:`features.windows`), one writer applies a key's updates
+in log order, and a replay rewrites identical values, so replays stay idempotent (an
+update is identified by feature set, entity and event time, like the
 ``event_id`` of a FeatureUpdate event). Each backend compares and writes atomically, so the
 rule holds with any number of concurrent writer processes.
 
@@ -92,7 +95,7 @@ class OnlineStore(ABC):
         ``ttl_s`` makes the written records expire ``ttl_s`` seconds after their *event* time
         (a feature set's TTL: values describing an old moment stop being served).
         ``write_time_ms`` defaults to now. Several updates of one entity in the same batch
-        behave as if applied one by one: the newest wins, the first of equal ones stands.
+        behave as if applied one by one: the newest wins, the last of equal ones.
         """
 
     @abstractmethod

@@ -75,7 +75,7 @@ class RecordCodec:
         Returns the rows and the schemas they use (id -> encoded names), which the backend
         stores (create-only) along with the rows. Reducing to one update per entity first
         gives one backend write per entity and the same outcome as applying the updates one
-        at a time under newer-wins (the first of equal event times stands).
+        at a time under newer-wins (the last of equal event times wins).
         """
         check_feature_set(feature_set)
         if ttl_s is not None and not ttl_s > 0:
@@ -93,7 +93,7 @@ class RecordCodec:
                     f"got {event_time_ms!r}"
                 ) from exc
             kept = newest.get(entity_key)
-            if kept is None or event_time > kept[0]:
+            if kept is None or event_time >= kept[0]:
                 newest[entity_key] = (event_time, values)
 
         prepared: list[PreparedRow] = []

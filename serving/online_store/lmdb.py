@@ -129,7 +129,7 @@ class LmdbOnlineStore(OnlineStore):
                             f"LMDB allows {MAX_KEY_BYTES}: shorten the entity key"
                         )
                     current = txn.get(key)
-                    if current is not None and event_time_of(current) >= row.event_time_ms:
+                    if current is not None and event_time_of(current) > row.event_time_ms:
                         continue
                     txn.put(key, row.record)
                     written += 1

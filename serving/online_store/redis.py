@@ -41,7 +41,7 @@ local current = redis.call('GET', KEYS[1])
 if current then
   local stored = 0
   for i = 1, 8 do stored = stored * 256 + string.byte(current, i) end
-  if stored >= tonumber(ARGV[1]) then return 0 end
+  if stored > tonumber(ARGV[1]) then return 0 end
 end
 if ARGV[3] == '0' then
   redis.call('SET', KEYS[1], ARGV[2])

@@ -90,18 +90,20 @@ def test_missing_entities_features_and_feature_sets(store: OnlineStore, fs: str)
 def test_newer_wins_over_out_of_order_and_duplicated_updates(store: OnlineStore, fs: str) -> None:
     assert store.put_batch(fs, [("u", T0 + 100, {"v": "t100"})], write_time_ms=1) == 1
     assert store.put_batch(fs, [("u", T0 + 50, {"v": "late t50"})], write_time_ms=2) == 0  # late event
-    assert store.put_batch(fs, [("u", T0 + 100, {"v": "replay t100"})], write_time_ms=3) == 0  # equal: no-op
+    # Equal event time: the later write replaces (the last update emitted at a time holds all
+    # its events); a replay of the same update rewrites identical values.
+    assert store.put_batch(fs, [("u", T0 + 100, {"v": "t100 both"})], write_time_ms=3) == 1
     row = _only(store.get_batch(fs, ["u"], ["v"], now_ms=T0 + 100))
-    assert (row.values, row.event_time_ms, row.write_time_ms) == ({"v": "t100"}, T0 + 100, 1)
+    assert (row.values, row.event_time_ms, row.write_time_ms) == ({"v": "t100 both"}, T0 + 100, 3)
 
     assert store.put_batch(fs, [("u", T0 + 150, {"v": "t150"})]) == 1
     assert _only(store.get_batch(fs, ["u"], ["v"], now_ms=T0)).values == {"v": "t150"}
 
-    # Inside one batch too: the newest update per entity wins, the first of equal ones stands.
+    # Inside one batch too: the newest update per entity wins, the last of equal ones.
     batch = [("w", T0 + 300, {"v": "X"}), ("w", T0 + 200, {"v": "Y"}), ("w", T0 + 300, {"v": "Z"})]
     assert store.put_batch(fs, batch) == 1
-    assert store.put_batch(fs, batch) == 0  # the whole batch again: idempotent
-    assert _only(store.get_batch(fs, ["w"], ["v"], now_ms=T0)).values == {"v": "X"}
+    assert store.put_batch(fs, batch) == 1  # the whole batch again: same final value
+    assert _only(store.get_batch(fs, ["w"], ["v"], now_ms=T0)).values == {"v": "Z"}
 
     # A backfill over many entities only fills what is older or absent.
     backfill = [("u", T0 + 120, {"v": "old"}), ("w", T0 + 400, {"v": "newer"}), ("n", T0, {"v": "new"})]
