@@ -29,6 +29,7 @@ __all__ = [
     "iter_events",
     "iter_rows",
     "merged_events",
+    "retimed",
     "row_events",
     "sample_data_dir",
     "user_id",
@@ -131,3 +132,20 @@ def merged_events(campaigns: Iterable[str] = CAMPAIGNS, root: Path | None = None
     """Several campaigns interleaved into one stream in event-time order, as the site logged them."""
     streams = [iter_events(c, root) for c in campaigns]
     return heapq.merge(*streams, key=lambda e: int(e[1]["event_time"]))
+
+
+def retimed(events: Iterable[Event], end_ms: int, run: str) -> list[Event]:
+    """The events moved in time so that the last one happens at ``end_ms``, gaps kept.
+
+    Replaying the 2019 sample as today's traffic keeps its values servable (online-store TTL
+    is by event time). ``run`` is appended to every event id so that a replay is new traffic,
+    not a duplicate of an earlier one.
+    """
+    items = list(events)
+    if not items:
+        return []
+    shift = end_ms - max(int(r["event_time"]) for _, r in items)
+    return [
+        (topic, {**r, "event_id": f"{r['event_id']}-{run}", "event_time": int(r["event_time"]) + shift})
+        for topic, r in items
+    ]

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path(".headwater"), description="Lake, online store, broker state and logs")
     schemas_dir: Path = Field(PROJECT_ROOT / "schemas" / "avro")
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    feature_repository: str = Field(
+        "features.examples.clickstream:repository",
+        description="module:attribute of the FeatureRepository the processors compute",
+    )
     online_store: OnlineStoreSettings = Field(default_factory=OnlineStoreSettings)
     offline_store: OfflineStoreSettings = Field(default_factory=OfflineStoreSettings)
     kafka_client: dict[str, str] = Field(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -84,6 +85,7 @@ class EventConsumer:
         include_tombstones: bool = False,
         dead_letters: EventProducer | None = None,
         config: dict[str, Any] | None = None,
+        start_offsets: Callable[[str, int], int | None] | None = None,
     ) -> None:
         self.settings = settings
         self.serde = serde
@@ -92,6 +94,9 @@ class EventConsumer:
         self.group_id = group_id
         self.include_tombstones = include_tombstones
         self._specs = {self.catalog.name(t): self.catalog.spec(t) for t in topics}
+        # (physical topic, partition) -> where to start, overriding the group's committed offset:
+        # processors that keep their input positions with their state start from there.
+        self._start_offsets = start_offsets
         self._dead_letters = dead_letters
         self._owns_dead_letters = dead_letters is None
         self._pending: dict[tuple[str, int], int] = {}  # next offset to commit per partition
@@ -133,7 +138,12 @@ class EventConsumer:
         self._consumer.assign(partitions)
         self._assigned = {(tp.topic, tp.partition) for tp in partitions}
 
-    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._start_offsets is not None:
+            for tp in partitions:
+                start = self._start_offsets(tp.topic, tp.partition)
+                tp.offset = OFFSET_BEGINNING if start is None else start
+            consumer.assign(partitions)
         self._assigned |= {(tp.topic, tp.partition) for tp in partitions}
         log.info("%s assigned %s", self.name, [(tp.topic, tp.partition) for tp in partitions])
 
@@ -220,19 +230,40 @@ class EventConsumer:
         )
         self.dead_lettered += 1
 
+    def assignment(self) -> set[tuple[str, int]]:
+        """The (physical topic, partition) pairs this consumer reads."""
+        return set(self._assigned)
+
+    def at_end(self, topic: str, partition: int) -> bool:
+        """True when the partition reached its end and nothing newer has arrived since."""
+        return (topic, partition) in self._eof
+
+    def pause(self, partitions: list[tuple[str, int]]) -> None:
+        self._consumer.pause([TopicPartition(t, p) for t, p in partitions])
+
+    def resume(self, partitions: list[tuple[str, int]]) -> None:
+        self._consumer.resume([TopicPartition(t, p) for t, p in partitions])
+
     def caught_up(self) -> bool:
         """True when every assigned partition has reached its end since its last record."""
         return bool(self._assigned) and self._assigned <= self._eof
 
-    def commit(self) -> None:
-        """Commit everything returned so far; call only once the effects are durable."""
-        if self.group_id is None or not self._pending:
+    def pending(self) -> dict[tuple[str, int], int]:
+        """Next offset per partition of everything returned (or dead-lettered) since the last commit."""
+        return dict(self._pending)
+
+    def commit(self, positions: dict[tuple[str, int], int] | None = None) -> None:
+        """Commit everything returned so far (or the given next offsets); call once effects are durable."""
+        positions = dict(self._pending) if positions is None else positions
+        if self.group_id is None or not positions:
             return
         if self._dead_letters is not None:
             self._dead_letters.flush()
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self._pending.items()]
+        offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
         self._consumer.commit(offsets=offsets, asynchronous=False)
-        self._pending.clear()
+        for tp, offset in positions.items():
+            if self._pending.get(tp) == offset:
+                del self._pending[tp]
 
     def close(self) -> None:
         if self._dead_letters is not None and self._owns_dead_letters:

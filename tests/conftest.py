@@ -49,5 +49,9 @@ def settings(broker_settings: Settings, tmp_path: Path) -> Settings:
     s = broker_settings.model_copy(
         update={"topic_prefix": f"t{uuid.uuid4().hex[:8]}.", "data_dir": tmp_path / "data"}
     )
-    TopicCatalog(s).create_all(AdminClient({"bootstrap.servers": s.bootstrap_servers}))
+    create_topics(s)
     return s
+
+
+def create_topics(settings: Settings) -> None:
+    TopicCatalog(settings).create_all(AdminClient({"bootstrap.servers": settings.bootstrap_servers}))

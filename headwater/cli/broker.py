@@ -1,56 +1,22 @@
-"""`headwater up`, `down` and `status`: the local stack (for now the embedded Kafka broker and topics)."""
+"""`headwater up`, `down` and `status`: the local stack (embedded broker, topics, processors)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import typer
 from confluent_kafka import KafkaException
 
-from headwater.cli.common import admin_client, console, ensure_topics, settings_of
-from headwater.settings import Settings
-from streams.broker import EmbeddedBroker, resolve_bootstrap
+from headwater.cli.common import admin_client, console, settings_of
+from infra.services import Services
+from infra.stack import start_stack, stop_stack
+from streams.broker import EmbeddedBroker
 from streams.topics import TopicCatalog
 
-__all__ = ["Stack", "register", "start_stack", "stop_stack"]
+__all__ = ["register"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Stack:
-    """What `start_stack` found or started."""
-
-    bootstrap: str
-    broker_pid: int | None  # None: an external Kafka cluster (bootstrap_servers is set)
-    started: bool  # True if this call started the broker (so the caller may stop it)
-    topics_created: int
-    topics_existing: int
-
-
-def start_stack(settings: Settings) -> Stack:
-    """Start the embedded broker unless ``bootstrap_servers`` is set or it runs already; create topics."""
-    pid: int | None = None
-    started = False
-    if not settings.bootstrap_servers:
-        broker = EmbeddedBroker(settings)
-        running = broker.info()
-        info = running or broker.start()
-        pid, started = info.pid, running is None
-    bootstrap = resolve_bootstrap(settings)
-    created, existing = ensure_topics(settings)
-    return Stack(bootstrap, pid, started, len(created), len(existing))
-
-
-def stop_stack(settings: Settings) -> int | None:
-    """Stop the embedded broker of this data directory; returns its pid, or None if none ran."""
-    broker = EmbeddedBroker(settings)
-    info = broker.info()
-    if info is None or not broker.stop():
-        return None
-    return info.pid
 
 
 def _duration(seconds: float) -> str:
@@ -65,23 +31,32 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m {s:02d}s" if minutes else f"{s}s"
 
 
-def up(ctx: typer.Context) -> None:
-    """Start the embedded Kafka broker (unless bootstrap_servers is set) and create every topic."""
+def up(
+    ctx: typer.Context,
+    processors: bool = typer.Option(
+        True, "--processors/--no-processors", help="Also run the stream processors."
+    ),
+) -> None:
+    """Start the embedded Kafka broker (unless bootstrap_servers is set), topics and processors."""
     settings = settings_of(ctx)
-    stack = start_stack(settings)
+    stack = start_stack(settings, processors=processors)
     if stack.broker_pid is None:
         console.print(f"Kafka: external cluster at [bold]{stack.bootstrap}[/] (bootstrap_servers is set)")
     else:
         verb = "started" if stack.started else "already running"
         console.print(f"Kafka: embedded broker {verb}, pid {stack.broker_pid}, at [bold]{stack.bootstrap}[/]")
     console.print(f"topics: {stack.topics_created} created, {stack.topics_existing} already there")
+    for service in stack.services:
+        console.print(f"{service.name}: running, pid {service.pid}, log {service.log_file}")
     console.print(f"data dir: {settings.data_dir.resolve()}")
 
 
 def down(ctx: typer.Context) -> None:
-    """Stop the embedded broker of this data directory (its data is in memory and is lost)."""
+    """Stop the services and the embedded broker of this data directory."""
     settings = settings_of(ctx)
-    pid = stop_stack(settings)
+    services, pid = stop_stack(settings)
+    for name in services:
+        console.print(f"{name}: stopped")
     if pid is not None:
         console.print(f"embedded broker: stopped (pid {pid})")
     elif settings.bootstrap_servers:
@@ -108,6 +83,10 @@ def status(ctx: typer.Context) -> None:
     except KafkaException as exc:
         console.print(f"{where}: not reachable ({exc.args[0]})")
         raise typer.Exit(1) from None
+    for service in Services(settings).all():
+        console.print(
+            f"{service.name}: running, pid {service.pid}, up {_duration(time.time() - service.started_at)}"
+        )
     catalog = TopicCatalog(settings)
     ours = [s for s in catalog.specs() if catalog.name(s.logical) in metadata.topics]
     console.print(

@@ -15,9 +15,8 @@ from headwater.settings import Settings
 from streams.catalog import SchemaCatalog
 from streams.kafka import client_config
 from streams.serde import Serde
-from streams.topics import TopicCatalog
 
-__all__ = ["admin_client", "console", "ensure_topics", "serde_for", "settings_of", "to_json"]
+__all__ = ["admin_client", "console", "serde_for", "settings_of", "to_json"]
 
 # Tables, progress and status go to stdout through rich; machine-readable output (tail's
 # JSON lines) bypasses rich so that it never wraps or colours.
@@ -41,14 +40,6 @@ def serde_for(settings: Settings) -> Serde:
 def admin_client(settings: Settings) -> AdminClient:
     """An admin client on the configured Kafka, or the running embedded broker (else a HeadwaterError)."""
     return AdminClient(client_config(settings))
-
-
-def ensure_topics(settings: Settings) -> tuple[list[str], list[str]]:
-    """Create every missing Headwater topic; returns ``(created, already there)`` physical names."""
-    catalog = TopicCatalog(settings)
-    created = catalog.create_all(admin_client(settings))
-    existing = [catalog.name(s.logical) for s in catalog.specs() if catalog.name(s.logical) not in created]
-    return created, existing
 
 
 def _json_default(value: object) -> Any:

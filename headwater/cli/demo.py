@@ -19,11 +19,13 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from headwater.cli.broker import Stack, start_stack, stop_stack
 from headwater.cli.common import console, serde_for, settings_of, to_json
 from headwater.errors import HeadwaterError
-from headwater.sample_data import CAMPAIGNS, merged_events
+from headwater.sample_data import CAMPAIGNS, merged_events, retimed
 from headwater.settings import Settings
+from infra.stack import Stack, start_stack, stop_stack
+from processors.worker import load_repository
+from serving.online_store import open_online_store
 from streams.consumer import Event, EventConsumer
 from streams.producer import EventProducer
 from streams.serde import Serde
@@ -86,7 +88,9 @@ def step_start_stack(settings: Settings) -> Stack:
     return stack
 
 
-def step_load_clickstream(campaigns: list[str], limit: int | None) -> list[tuple[str, dict[str, Any]]]:
+def step_load_clickstream(
+    campaigns: list[str], limit: int | None, run_id: str
+) -> list[tuple[str, dict[str, Any]]]:
     _step(2, "Load the clickstream")
     events: list[tuple[str, dict[str, Any]]] = []
     for event in merged_events(campaigns):
@@ -95,9 +99,14 @@ def step_load_clickstream(campaigns: list[str], limit: int | None) -> list[tuple
         events.append(event)
     if not events:
         raise HeadwaterError("the sample clickstream is empty")
+    original_end = events[-1][1]["event_time"]
+    # Replayed as today's traffic: the week ends now (feature TTLs are by event time).
+    events = retimed(events, int(time.time() * 1000), run_id)
+    shift_days = (events[-1][1]["event_time"] - original_end) / 86_400_000
     kinds = Counter(_kind(topic, "", record)[2] for topic, record in events)
     users = {r["user_id"] for t, r in events if t == "clicks"}
     first, last = (datetime.fromtimestamp(events[i][1]["event_time"] / 1000, UTC) for i in (0, -1))
+    # (the dates printed are the dataset's own; the replay below moves them)
     console.print(
         f"Open Bandit Dataset (ZOZOTOWN, uniform-random policy), campaigns {', '.join(campaigns)}: "
         f"{len(events):,} events from {first:%Y-%m-%d %H:%M} to {last:%Y-%m-%d %H:%M} UTC"
@@ -106,6 +115,7 @@ def step_load_clickstream(campaigns: list[str], limit: int | None) -> list[tuple
         f"{kinds['IMPRESSION']:,} impressions, {kinds['CLICK']:,} clicks, {kinds['click']:,} click outcomes, "
         f"{len(users):,} user profiles"
     )
+    console.print(f"replayed as live traffic: event times moved {shift_days:,.0f} days forward to end now")
     return events
 
 
@@ -187,8 +197,74 @@ def step_report(published: Published, arrived: Arrived) -> None:
         raise HeadwaterError("the events read back differ from those published (see the table above)")
 
 
+SHOWN_FEATURES = {
+    "user_activity": ["impressions_1h", "impressions_24h", "clicks_7d", "ctr_7d", "distinct_items_24h"],
+    "item_activity": ["impressions_24h", "clicks_24h", "ctr_24h", "distinct_users_24h"],
+}
+
+
+def step_features(
+    settings: Settings, events: list[tuple[str, dict[str, Any]]], published_at: float, timeout_s: float
+) -> None:
+    _step(5, "Features in real time")
+    repository = load_repository(settings)
+    clicks = [r for topic, r in events if topic == "clicks"]
+    expected: dict[str, dict[str, int]] = {}  # feature set -> entity -> its latest event time
+    activity: dict[str, Counter[str]] = {}
+    for fs in repository.feature_sets:
+        if fs.source == "clicks":
+            latest = expected.setdefault(fs.name, {})
+            counts = activity.setdefault(fs.name, Counter())
+            for r in clicks:
+                latest[str(r[fs.entity])] = r["event_time"]
+                counts[str(r[fs.entity])] += 1
+    deadline = time.monotonic() + timeout_s
+    with open_online_store(settings) as store:
+        missing = sum(len(v) for v in expected.values())
+        while missing:
+            missing = 0
+            for name, latest in expected.items():
+                keys = list(latest)
+                rows = store.get_batch(name, keys, [])
+                missing += sum(
+                    1 for k, r in zip(keys, rows, strict=True) if (r.event_time_ms or 0) < latest[k]
+                )
+            if missing and time.monotonic() > deadline:
+                raise HeadwaterError(
+                    f"{missing:,} entities lack their latest features after {timeout_s:.0f}s"
+                )
+            if missing:
+                time.sleep(0.1)
+        lag = time.perf_counter() - published_at
+        total = sum(len(v) for v in expected.values())
+        console.print(
+            f"the stream processors computed {len(repository.feature_sets)} feature sets for {total:,} "
+            f"entities; all current in the online store (LMDB) {lag:.1f}s after the last event was published"
+        )
+        for name, names in SHOWN_FEATURES.items():
+            if name not in expected:
+                continue
+            top = [k for k, _ in activity[name].most_common(5)]
+            start = time.perf_counter()
+            rows = store.get_batch(name, top, names)
+            read_us = (time.perf_counter() - start) * 1e6
+            table = Table(
+                repository.feature_set(name).entity, *names, "age", title=f"{name} (read in {read_us:.0f} µs)"
+            )
+            for key, row in zip(top, rows, strict=True):
+                cells = [_cell(row.values[n]) for n in names]
+                table.add_row(key, *cells, f"{(row.age_ms or 0) / 1000:.1f}s")
+            console.print(table)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None else str(value)
+
+
 def step_stop(settings: Settings, stack: Stack, keep_running: bool) -> None:
-    _step(5, "Stop")
+    _step(6, "Stop")
     if not stack.started:
         console.print("nothing to stop: the demo did not start Kafka")
     elif keep_running:
@@ -197,7 +273,9 @@ def step_stop(settings: Settings, stack: Stack, keep_running: bool) -> None:
             "`headwater tail clicks --limit 3`, stop it with `headwater down`"
         )
     else:
-        pid = stop_stack(settings)
+        services, pid = stop_stack(settings)
+        for name in services:
+            console.print(f"stopped {name}")
         console.print(f"stopped the embedded broker (pid {pid})")
 
 
@@ -228,10 +306,12 @@ def demo(
     stack = step_start_stack(settings)
     try:
         serde = serde_for(settings)
-        events = step_load_clickstream(campaigns, limit)
+        events = step_load_clickstream(campaigns, limit, run_id)
         published = step_publish(settings, serde, events, run_id)
+        published_at = time.perf_counter()
         arrived = step_consume(settings, serde, published, run_id, timeout_s)
         step_report(published, arrived)
+        step_features(settings, events, published_at, timeout_s)
     finally:
         step_stop(settings, stack, keep_running)
     console.rule("[bold green]demo complete")

@@ -6,8 +6,9 @@ import typer
 from confluent_kafka import KafkaException
 from rich.table import Column, Table
 
-from headwater.cli.common import admin_client, console, ensure_topics, settings_of
+from headwater.cli.common import admin_client, console, settings_of
 from headwater.errors import HeadwaterError
+from infra.stack import ensure_topics
 from streams.topics import TopicCatalog
 
 __all__ = ["register"]

@@ -1,0 +1,140 @@
+"""Background services of the local stack: started detached, found by pid file, stopped by pid.
+
+Each service is one command run in its own session with its log under ``<data_dir>/run``.
+The settings of the starting process are handed to the child as a YAML file, so a service
+sees exactly the configuration of the ``headwater up`` that started it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from headwater.errors import HeadwaterError
+from headwater.settings import Settings
+
+__all__ = ["ServiceInfo", "Services"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    name: str
+    pid: int
+    log_file: str
+    started_at: float
+    argv: list[str]
+
+
+def _running(pid: int, marker: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1]
+    except OSError:
+        return False
+    return marker in cmdline and state != "Z"
+
+
+class Services:
+    """Start, list and stop the background services of one data directory."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.dir = settings.state_dir
+
+    def _state_file(self, name: str) -> Path:
+        return self.dir / f"service-{name}.json"
+
+    def settings_file(self) -> Path:
+        """The settings of this stack as YAML, for children started with ``--config``."""
+        path = self.dir / "settings.yaml"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        data = self.settings.model_dump(mode="json", exclude_none=True)
+        path.write_text(yaml.safe_dump(data, sort_keys=True))
+        return path
+
+    def start(
+        self, name: str, args: list[str], *, ready: str | None = None, timeout_s: float = 30.0
+    ) -> ServiceInfo:
+        """Start ``headwater --config <settings> ARGS`` in the background unless it runs already.
+
+        With ``ready``, wait until that text appears in the service's log (it failed if it exits first).
+        """
+        running = self.info(name)
+        if running is not None:
+            return running
+        log_file = self.dir / f"{name}.log"
+        argv = [sys.executable, "-m", "headwater.cli", "--config", str(self.settings_file()), *args]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        start = log_file.stat().st_size if log_file.exists() else 0
+        with log_file.open("ab") as out:
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        info = ServiceInfo(name, proc.pid, str(log_file), time.time(), argv)
+        self._state_file(name).write_text(json.dumps(asdict(info)))
+        if ready is not None:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                with log_file.open("rb") as f:
+                    f.seek(start)
+                    if ready.encode() in f.read():
+                        break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    self._kill(proc.pid)
+                    self._state_file(name).unlink(missing_ok=True)
+                    tail = log_file.read_text(errors="replace")[-1500:]
+                    raise HeadwaterError(f"service {name} did not start; its log {log_file} ends:\n{tail}")
+                time.sleep(0.05)
+        log.info("service %s started, pid %d", name, proc.pid)
+        return info
+
+    def info(self, name: str) -> ServiceInfo | None:
+        try:
+            info = ServiceInfo(**json.loads(self._state_file(name).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        if _running(info.pid, "headwater.cli"):
+            return info
+        self._state_file(name).unlink(missing_ok=True)
+        return None
+
+    def all(self) -> list[ServiceInfo]:
+        names = sorted(p.name[len("service-") : -len(".json")] for p in self.dir.glob("service-*.json"))
+        return [i for i in (self.info(n) for n in names) if i is not None]
+
+    def stop(self, name: str, timeout_s: float = 15.0) -> bool:
+        info = self.info(name)
+        if info is None:
+            return False
+        self._kill(info.pid, timeout_s)
+        self._state_file(name).unlink(missing_ok=True)
+        return True
+
+    @staticmethod
+    def _kill(pid: int, timeout_s: float = 15.0) -> None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = 0 if _running(pid, "headwater.cli") else pid
+            if done == pid:
+                return
+            time.sleep(0.05)
+        log.warning("service pid %d ignored SIGTERM for %.0fs; killing it", pid, timeout_s)
+        os.kill(pid, signal.SIGKILL)

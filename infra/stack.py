@@ -1,0 +1,72 @@
+"""The local stack: embedded broker, topics, restored state, and background services.
+
+``start_stack`` is what ``headwater up`` (and the main job) does, in order: start the
+embedded broker unless ``bootstrap_servers`` points at a cluster, create every topic, then
+start the stream processors as a background service. ``stop_stack`` undoes it in reverse.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from confluent_kafka.admin import AdminClient
+
+from headwater.settings import Settings
+from infra.services import ServiceInfo, Services
+from streams.broker import EmbeddedBroker, resolve_bootstrap
+from streams.kafka import client_config
+from streams.topics import TopicCatalog
+
+__all__ = ["PROCESSORS_READY", "Stack", "ensure_topics", "start_stack", "stop_stack"]
+
+log = logging.getLogger(__name__)
+
+PROCESSORS_READY = "processors running:"  # printed by `headwater process` once its runners started
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What ``start_stack`` found or started."""
+
+    bootstrap: str
+    broker_pid: int | None  # None: an external Kafka cluster (bootstrap_servers is set)
+    started: bool  # True if this call started the broker (so the caller may stop it)
+    topics_created: int
+    topics_existing: int
+    services: list[ServiceInfo] = field(default_factory=list)
+
+
+def ensure_topics(settings: Settings) -> tuple[list[str], list[str]]:
+    """Create every missing Headwater topic; returns ``(created, already there)`` physical names."""
+    catalog = TopicCatalog(settings)
+    created = catalog.create_all(AdminClient(client_config(settings)))
+    existing = [catalog.name(s.logical) for s in catalog.specs() if catalog.name(s.logical) not in created]
+    return created, existing
+
+
+def start_stack(settings: Settings, *, processors: bool = True) -> Stack:
+    """Start what is not running yet; idempotent."""
+    pid: int | None = None
+    started = False
+    if not settings.bootstrap_servers:
+        broker = EmbeddedBroker(settings)
+        running = broker.info()
+        info = running or broker.start()
+        pid, started = info.pid, running is None
+    bootstrap = resolve_bootstrap(settings)
+    created, existing = ensure_topics(settings)
+    services = []
+    if processors:
+        services.append(Services(settings).start("processors", ["process"], ready=PROCESSORS_READY))
+    return Stack(bootstrap, pid, started, len(created), len(existing), services)
+
+
+def stop_stack(settings: Settings) -> tuple[list[str], int | None]:
+    """Stop the services, then the embedded broker; returns (services stopped, broker pid or None)."""
+    services = Services(settings)
+    stopped = [info.name for info in services.all() if services.stop(info.name)]
+    broker = EmbeddedBroker(settings)
+    info = broker.info()
+    pid = info.pid if info is not None and broker.stop() else None
+    return stopped, pid

@@ -1,0 +1,202 @@
+"""The processor runtime: consume, apply pure logic, make effects durable, then advance.
+
+A processor is pure logic behind :class:`Processor`: given decoded events it returns
+:class:`Effects` (events to publish, rejected events) and changes its own state, which it
+hands out with :meth:`Processor.state_changes`. The runner does all I/O, in this order for
+each batch:
+
+1. poll a batch of events (undecodable records are dead-lettered by the consumer); for a
+   processor with ``event_time_aligned``, release them in event-time order across partitions
+   (see :class:`_Aligner`);
+2. ``processor.handle(events)``; rejected events go to ``dead-letters`` with their reason;
+3. publish the outputs and apply ``processor.flush_effects()`` (online store, lake files),
+   then wait until every output and dead letter is acknowledged by the broker;
+4. commit the state changes together with the next input offsets (one LMDB transaction);
+5. commit the consumer group offsets (for lag monitoring; the state store is authoritative).
+
+A crash anywhere replays at most the batch in flight, from exactly the state it started
+with, so the outputs are the same records again, and their consumers are idempotent.
+
+Why not Faust: on the embedded broker Faust (aiokafka) consumed ~4,900 events/s against
+~840,000 for librdkafka on the same topic, below the platform's streaming target before any
+work is done; and its at-least-once commits let table changelogs run ahead of offsets, which
+double-applies aggregation state after a crash. Processors stay pure, so a Faust or Flink
+runner can host the same logic.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from headwater.settings import Settings
+from processors.state_store import Position, StateStore
+from streams.consumer import Event, EventConsumer
+from streams.producer import EventProducer
+from streams.serde import Serde
+
+__all__ = ["Effects", "Processor", "StreamRunner"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Effects:
+    """What a batch of events caused: events to publish and events to reject."""
+
+    outputs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (logical topic, record)
+    rejected: list[tuple[Event, Exception]] = field(default_factory=list)
+
+
+class Processor(Protocol):
+    """Pure processing logic; see the module docstring for how it is run."""
+
+    name: str
+    inputs: list[str]  # logical topics
+    event_time_aligned: bool  # merge partitions in event-time order (keyed by another entity)
+
+    def handle(self, events: list[Event], write_time_ms: int) -> Effects: ...
+
+    def flush_effects(self) -> None:
+        """Make side effects outside Kafka durable (store writes, files); called before commit."""
+
+    def state_changes(self) -> dict[str, bytes | None]:
+        """State to persist since the last call (empty for stateless processors)."""
+        ...
+
+
+class StreamRunner:
+    """Runs one :class:`Processor` in a consumer group until stopped."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        serde: Serde,
+        processor: Processor,
+        *,
+        state: StateStore | None = None,
+        batch_size: int = 5000,
+        poll_timeout_s: float = 0.05,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.processor = processor
+        self.batch_size = batch_size
+        self.poll_timeout_s = poll_timeout_s
+        self._clock = clock
+        self.state = state or StateStore(settings.data_dir / "state" / processor.name)
+        self._positions = self.state.positions()
+        self.producer = EventProducer(settings, serde, client_id=processor.name)
+        self.consumer = EventConsumer(
+            settings, serde, processor.inputs, group_id=f"headwater-{processor.name}", name=processor.name,
+            dead_letters=self.producer, start_offsets=self._start_offset,
+        )  # fmt: skip
+        self._aligner = _Aligner(self.consumer, batch_size) if processor.event_time_aligned else None
+        self.processed = 0
+        self.batches = 0
+
+    def _start_offset(self, topic: str, partition: int) -> int | None:
+        return self._positions.get((topic, partition))
+
+    def run_once(self) -> int:
+        """Process one batch; returns how many events it held (0 when idle)."""
+        polled = self.consumer.poll(self.batch_size, self.poll_timeout_s)
+        if self._aligner is None:
+            events, positions = polled, self.consumer.pending()
+        else:
+            events, positions = self._aligner.release(polled)
+        if not events and not positions:
+            return 0
+        effects = self.processor.handle(events, int(self._clock() * 1000))
+        for topic, record in effects.outputs:
+            self.producer.send(topic, record)
+        for event, error in effects.rejected:
+            self.consumer.dead_letter(event, error)
+        self.processor.flush_effects()
+        self.producer.flush()
+        self.state.commit(self.processor.state_changes(), positions)
+        self._positions.update(positions)
+        self.consumer.commit(positions)
+        self.processed += len(events)
+        self.batches += 1
+        return len(events)
+
+    def run(self, stop: threading.Event, *, until_caught_up: bool = False) -> None:
+        """Loop until ``stop`` is set (or, with ``until_caught_up``, the inputs are drained)."""
+        log.info("%s: starting on %s", self.processor.name, self.processor.inputs)
+        while not stop.is_set():
+            n = self.run_once()
+            drained = self._aligner is None or self._aligner.buffered == 0
+            if until_caught_up and n == 0 and drained and self.consumer.caught_up():
+                return
+
+    def close(self) -> None:
+        try:
+            self.consumer.close()
+        finally:
+            self.producer.close()
+            self.state.close()
+
+
+class _Aligner:
+    """Releases events in event-time order across partitions (a watermark merge).
+
+    A feature set keyed by another entity than its topic (items, on a topic keyed by user)
+    sees one entity's events spread over partitions, fetched in arbitrary interleaving. The
+    aligner buffers each partition and releases the event with the smallest event time among
+    the partitions' heads, as long as every partition either has a buffered event or has
+    reached its end (a partition with nothing to say cannot hold back the others). Positions
+    to commit stop at the first event still buffered, so a crash replays exactly those.
+    A partition whose buffer passes ``max_buffered`` is paused until it drains.
+    """
+
+    def __init__(self, consumer: EventConsumer, batch_size: int, max_buffered: int = 50_000) -> None:
+        self.consumer = consumer
+        self.batch_size = batch_size
+        self.max_buffered = max_buffered
+        self._buffers: dict[Position, deque[Event]] = {}
+        self._paused: set[Position] = set()
+        self._physical = {s.logical: consumer.catalog.name(s.logical) for s in consumer.catalog.specs()}
+
+    @property
+    def buffered(self) -> int:
+        return sum(len(b) for b in self._buffers.values())
+
+    def release(self, polled: list[Event]) -> tuple[list[Event], dict[Position, int]]:
+        for event in polled:
+            key = (self._physical[event.topic], event.partition)
+            self._buffers.setdefault(key, deque()).append(event)
+        out: list[Event] = []
+        assigned = self.consumer.assignment()
+        buffers = self._buffers
+        while len(out) < self.batch_size:
+            heads = [b for b in buffers.values() if b]
+            if not heads:
+                break
+            if any(not buffers.get(tp) and not self.consumer.at_end(*tp) for tp in assigned):
+                break  # a partition that may still bring older events holds the merge back
+            best = min(heads, key=lambda b: b[0].record.get("event_time", 0))
+            out.append(best.popleft())
+        self._flow_control()
+        positions = self.consumer.pending()
+        for tp, buffer in buffers.items():
+            if buffer:
+                positions[tp] = buffer[0].offset
+        return out, positions
+
+    def _flow_control(self) -> None:
+        full = [
+            tp for tp, b in self._buffers.items() if len(b) > self.max_buffered and tp not in self._paused
+        ]
+        drained = [tp for tp in self._paused if len(self._buffers.get(tp, ())) < self.max_buffered // 2]
+        if full:
+            self.consumer.pause(full)
+            self._paused.update(full)
+        if drained:
+            self.consumer.resume(drained)
+            self._paused.difference_update(drained)
