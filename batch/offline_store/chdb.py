@@ -1,0 +1,159 @@
+"""The embedded offline store: ClickHouse in-process (chdb) with views over the Parquet lake.
+
+A chdb data directory is locked by the process that opens it, so nothing is stored in
+chdb itself: each process opens its own engine (chdb's ``:memory:`` mode, which keeps its
+catalog in a temporary directory of its own under ``/tmp`` and removes it on close) and
+creates, in a database of its own, one view per topic::
+
+    CREATE VIEW clicks AS SELECT * FROM file('<lake>/clicks/*/*.parquet', Parquet, '<columns>')
+
+The glob is expanded at every query, so a view sees the files the lake sink wrote after it
+was created, and the explicit columns (from the Avro schema) make a topic without files an
+empty table with the right columns. Files being written have temporary names that the glob
+does not match, so any number of processes query while the sink writes.
+
+Only one chdb engine can exist per process: every chdb use in a Headwater process goes
+through :class:`ChdbOfflineStore` (stores share the engine, each has its own database).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from pyarrow import feather
+
+from batch.offline_store.base import OfflineStore, QueryError, table_name, topic_of_table
+from headwater.errors import ConfigError
+from headwater.settings import Settings
+from processors.lake.columns import EventColumns, event_columns
+from streams.catalog import SchemaCatalog
+from streams.topics import TOPICS
+
+__all__ = ["ChdbOfflineStore"]
+
+log = logging.getLogger(__name__)
+
+# Settings of every session: files of older schema versions lack newer columns; the
+# row-count cache is keyed by path and modification time, so rewritten files stay exact.
+_SESSION_SETTINGS = {
+    "input_format_parquet_allow_missing_columns": 1,
+    "schema_inference_mode": "'union'",
+}
+_GLOB_CHARS = set("*?{}[]")
+_counter = itertools.count()
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class ChdbOfflineStore(OfflineStore):
+    """Views over the lake in this process's chdb engine."""
+
+    kind = "chdb"
+
+    def __init__(self, settings: Settings, catalog: SchemaCatalog) -> None:
+        try:
+            from chdb.session import Session
+        except ImportError as exc:  # pragma: no cover - chdb is a core dependency
+            raise ConfigError("the embedded offline store needs chdb: pip install 'chdb>=3'") from exc
+        self.lake = settings.lake_dir.resolve()
+        if _GLOB_CHARS & set(str(self.lake)):
+            raise ConfigError(f"lake_dir {self.lake} contains glob characters {_GLOB_CHARS}: choose another")
+        self._columns: dict[str, EventColumns] = {
+            table_name(s.logical): event_columns(s.event_type, catalog.latest(s.event_type).raw)
+            for s in TOPICS
+        }
+        self.database = f"headwater_{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+        self._stage_dir = Path(tempfile.mkdtemp(prefix="headwater-stage-"))
+        self._session: Any = Session(":memory:")  # type: ignore[no-untyped-call]
+        self._closed = False
+        self.execute(f"CREATE DATABASE IF NOT EXISTS {self.database}")
+        self.execute(f"USE {self.database}")
+        for name, value in _SESSION_SETTINGS.items():
+            self.execute(f"SET {name} = {value}")
+        for table in self._columns:
+            self.execute(f"CREATE OR REPLACE VIEW `{table}` AS SELECT * FROM {self.relation(table)}")
+
+    # -- SQL ----------------------------------------------------------------------------
+    def _run(self, sql: str, fmt: str, params: Mapping[str, Any] | None) -> Any:
+        if self._closed:
+            raise QueryError("the offline store is closed")
+        try:
+            return self._session.query(sql, fmt, params=dict(params) if params else None)
+        except Exception as exc:  # chdb raises RuntimeError/ChdbError with ClickHouse's message
+            head = " ".join(sql.split())[:200]
+            raise QueryError(f"{exc}\n  in query: {head}") from exc
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
+        result = self._run(sql, "ArrowTable", params)
+        if isinstance(result, pa.Table):
+            return result
+        return pa.table({})  # statements without a result
+
+    def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        self._run(sql, "CSV", params)
+
+    # -- tables -------------------------------------------------------------------------
+    def tables(self) -> list[str]:
+        return sorted(self._columns)
+
+    def glob(self, table: str) -> str:
+        return str(self.lake / topic_of_table(table).logical / "*" / "*.parquet")
+
+    def relation(self, table: str, extra: Mapping[str, str] | None = None) -> str:
+        cols = self._columns.get(table)
+        if cols is None:
+            topic_of_table(table)  # raises NotFoundError listing the tables
+            raise AssertionError(table)
+        structure = cols.clickhouse_structure()
+        if extra:
+            structure += ", " + ", ".join(f"`{name}` {type_}" for name, type_ in extra.items())
+        return f"file({_quote(self.glob(table))}, Parquet, {_quote(structure)})"
+
+    def extra_columns(self, table: str) -> dict[str, str]:
+        # `date` is the hive-style folder name (date=YYYY-MM-DD), which DESCRIBE reports too.
+        known = {c.name for c in self._columns[table].columns} | {"date"}
+        if not any((self.lake / topic_of_table(table).logical).glob("*/*.parquet")):
+            return {}
+        described = self.query(f"DESCRIBE TABLE file({_quote(self.glob(table))}, Parquet)")
+        names, types = described.column("name").to_pylist(), described.column("type").to_pylist()
+        # Always Nullable: a file written before a feature existed must read NULL, not 0.
+        return {
+            n: t if t.startswith("Nullable(") else f"Nullable({t})"
+            for n, t in zip(names, types, strict=True)
+            if n not in known
+        }
+
+    # -- staging ------------------------------------------------------------------------
+    def stage(self, data: pa.Table, name: str) -> str:
+        path = self._stage_dir / f"{name}.arrow"
+        feather.write_feather(data, str(path), compression="uncompressed")
+        self.execute(f"DROP TABLE IF EXISTS `{name}`")
+        self.execute(
+            f"CREATE TABLE `{name}` ENGINE = Memory AS SELECT * FROM file({_quote(str(path))}, Arrow)"
+        )
+        path.unlink()
+        return f"`{name}`"
+
+    def unstage(self, name: str) -> None:
+        self.execute(f"DROP TABLE IF EXISTS `{name}`")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.execute(f"DROP DATABASE IF EXISTS {self.database}")
+        finally:
+            self._closed = True
+            self._session.close()
+            shutil.rmtree(self._stage_dir, ignore_errors=True)

@@ -1,0 +1,24 @@
+"""The lake sink's storage: every topic archived as Parquet, partitioned by date.
+
+Layout and idempotence: :mod:`processors.lake.layout`; columns: :mod:`processors.lake.columns`.
+The Kafka edge (consume, :meth:`LakeWriter.write`, then commit) lives with the processors.
+"""
+
+from processors.lake.columns import META_COLUMNS, EventColumns, event_columns
+from processors.lake.layout import FileName, FilePlan, LakeRow, plan_files
+from processors.lake.reader import LakeReader, LakeRecord
+from processors.lake.writer import LakeWriter, TopicLake
+
+__all__ = [
+    "META_COLUMNS",
+    "EventColumns",
+    "FileName",
+    "FilePlan",
+    "LakeReader",
+    "LakeRecord",
+    "LakeRow",
+    "LakeWriter",
+    "TopicLake",
+    "event_columns",
+    "plan_files",
+]

@@ -1,0 +1,338 @@
+"""The lake writer: durable, idempotent Parquet files per topic/partition/offset range.
+
+The Kafka edge of the lake sink consumes a batch, calls :meth:`LakeWriter.write` and commits
+the batch's offsets only after it returns: by then every file is written to a temporary
+name, fsynced, renamed into place and its folder fsynced. The layout and how batches are cut
+so that re-processing never duplicates rows are in :mod:`processors.lake.layout`.
+
+Broker epochs. The embedded broker keeps its data in memory and starts again at offset 0
+after a restart, while the lake keeps the files of every earlier run. So the lake stores
+*lake offsets*: the Kafka offset plus a per-partition base that :meth:`LakeWriter.begin_epoch`
+sets past everything already in the lake (kept in ``<lake_dir>/_epochs.json``). ``headwater
+up`` calls it each time it starts the embedded broker, after restoring the compacted topics
+and passing how many records it restored per partition: those first offsets are copies of
+rows already in the lake, so :meth:`write` skips them. With an external Kafka cluster it is
+never called and lake offsets equal Kafka offsets.
+
+One writer owns a (topic, partition) at a time (Kafka's group assignment guarantees it); any
+number of processes may read the lake meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from headwater.errors import HeadwaterError
+from headwater.settings import Settings
+from processors.lake.columns import EventColumns, event_columns, feature_value_columns
+from processors.lake.layout import DATE_PREFIX, FileName, FilePlan, LakeRow, plan_files, superseded
+from streams.catalog import SchemaCatalog
+from streams.topics import TOPICS, TopicSpec
+
+__all__ = ["EPOCHS_FILE", "LakeWriter", "TopicLake", "fsync_dir", "topic_spec"]
+
+log = logging.getLogger(__name__)
+
+EPOCHS_FILE = "_epochs.json"
+_SPECS = {s.logical: s for s in TOPICS}
+
+
+def topic_spec(topic: str, prefix: str = "") -> TopicSpec:
+    """The catalog entry of a logical or prefixed topic name."""
+    spec = _SPECS.get(topic)
+    if spec is None and prefix and topic.startswith(prefix):
+        spec = _SPECS.get(topic[len(prefix) :])
+    if spec is None:
+        raise HeadwaterError(f"unknown topic {topic!r}; known: {', '.join(_SPECS)}")
+    return spec
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class TopicLake:
+    """The files of one topic in the lake: where they are and what each holds."""
+
+    root: Path
+    topic: str
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.topic
+
+    def files(self) -> dict[FileName, list[Path]]:
+        """Every complete file of the topic, grouped by name (one path per date folder)."""
+        out: dict[FileName, list[Path]] = {}
+        if not self.dir.is_dir():
+            return out
+        for date_dir in sorted(self.dir.iterdir()):
+            if not date_dir.name.startswith(DATE_PREFIX):
+                continue
+            for entry in os.scandir(date_dir):
+                parsed = FileName.parse(entry.name)
+                if parsed is not None and parsed.topic == self.topic:
+                    out.setdefault(parsed, []).append(Path(entry.path))
+        return out
+
+    def clean_temporary(self) -> list[Path]:
+        """Delete temporary files left by a writer that died mid-write (its pid is gone)."""
+        removed: list[Path] = []
+        if not self.dir.is_dir():
+            return removed
+        for tmp in self.dir.glob(f"{DATE_PREFIX}*/.*.tmp"):
+            try:
+                pid = int(tmp.name.rsplit(".", 2)[-2])
+            except ValueError:
+                pid = -1
+            if pid != os.getpid() and not (pid > 0 and _pid_alive(pid)):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+                log.info("removed temporary file %s left by a crashed writer", tmp)
+        return removed
+
+
+class LakeWriter:
+    """Writes batches of one process's partitions to the lake; see the module docstring."""
+
+    def __init__(self, settings: Settings, catalog: SchemaCatalog) -> None:
+        self.root = settings.lake_dir
+        self.prefix = settings.topic_prefix
+        self.catalog = catalog
+        self._columns: dict[str, EventColumns] = {}
+        self._cleaned: set[str] = set()
+        self._epoch: dict[str, Any] | None = None
+        self._epoch_stamp: int | None = None
+
+    # -- epochs -------------------------------------------------------------------------
+    def _load_epochs(self) -> list[dict[str, Any]]:
+        path = self.root / EPOCHS_FILE
+        if not path.is_file():
+            return []
+        epochs: list[dict[str, Any]] = json.loads(path.read_text())["epochs"]
+        return epochs
+
+    def _current_epoch(self) -> dict[str, Any] | None:
+        # Re-read when `headwater up` started an epoch after this writer was created.
+        try:
+            stamp = (self.root / EPOCHS_FILE).stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+        if stamp != self._epoch_stamp:
+            epochs = self._load_epochs()
+            self._epoch, self._epoch_stamp = (epochs[-1] if epochs else None), stamp
+        return self._epoch
+
+    def begin_epoch(self, restored: Mapping[str, Mapping[int, int]] | None = None) -> int:
+        """Start a broker epoch: lake offsets continue past every file already in the lake.
+
+        ``restored`` maps topic -> partition -> how many records the restore step produced
+        into the empty broker (Kafka offsets ``0 .. n-1``); :meth:`write` skips those.
+        Returns the new epoch number.
+        """
+        epochs = self._load_epochs()
+        bases: dict[str, dict[str, int]] = {}
+        if self.root.is_dir():
+            for topic_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name in _SPECS):
+                for f in TopicLake(self.root, topic_dir.name).files():
+                    per = bases.setdefault(f.topic, {})
+                    per[str(f.partition)] = max(per.get(str(f.partition), 0), f.last + 1)
+        epoch = {
+            "epoch": len(epochs) + 1,
+            "started_ms": int(time.time() * 1000),
+            "base": bases,
+            "restored": {
+                topic_spec(t, self.prefix).logical: {str(p): int(n) for p, n in parts.items()}
+                for t, parts in (restored or {}).items()
+            },
+        }
+        self.root.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(
+            self.root / EPOCHS_FILE, json.dumps({"epochs": [*epochs, epoch]}, indent=1).encode()
+        )
+        self._epoch_stamp = None
+        log.info("lake epoch %d begins; offset bases %s", len(epochs) + 1, bases)
+        return len(epochs) + 1
+
+    def lake_offset(self, topic: str, partition: int, kafka_offset: int) -> int:
+        """The lake offset a Kafka offset of the current broker epoch is stored at."""
+        epoch = self._current_epoch() or {}
+        base = epoch.get("base", {}).get(topic_spec(topic, self.prefix).logical, {}).get(str(partition), 0)
+        return int(base) + kafka_offset
+
+    # -- writing ------------------------------------------------------------------------
+    def columns(self, topic: str) -> EventColumns:
+        spec = topic_spec(topic, self.prefix)
+        cols = self._columns.get(spec.logical)
+        if cols is None:
+            cols = event_columns(spec.event_type, self.catalog.latest(spec.event_type).raw)
+            self._columns[spec.logical] = cols
+        return cols
+
+    def write(self, topic: str, rows: Iterable[LakeRow | tuple[Any, ...]]) -> list[Path]:
+        """Archive one batch; returns the files written once they are durable.
+
+        ``rows`` are ``(partition, kafka_offset, record[, key])`` with records decoded in the
+        topic's latest schema; a missing key is derived from the record by the topic catalog.
+        """
+        spec = topic_spec(topic, self.prefix)
+        now = int(time.time() * 1000)
+        epoch = self._current_epoch() or {}
+        bases = epoch.get("base", {}).get(spec.logical, {})
+        restored = epoch.get("restored", {}).get(spec.logical, {})
+        lake_rows = []
+        for raw in rows:
+            row = raw if isinstance(raw, LakeRow) else LakeRow(*raw)
+            part = str(row.partition)
+            if row.offset < restored.get(part, 0):
+                continue  # a restored copy of a row the lake already has
+            key = row.key if row.key is not None else spec.key(dict(row.record))
+            lake_rows.append(LakeRow(row.partition, bases.get(part, 0) + row.offset, row.record, key))
+        if not lake_rows:
+            return []
+        lake = TopicLake(self.root, spec.logical)
+        if spec.logical not in self._cleaned:
+            lake.clean_temporary()
+            self._cleaned.add(spec.logical)
+        plans = plan_files(spec.logical, lake_rows, now)
+        existing = lake.files()
+        written: list[Path] = []
+        for name in sorted({p.file for p in plans}):
+            mine = [p for p in plans if p.file == name]
+            old = superseded(list(existing), name)
+            kept = self._kept_rows(old, existing, name)
+            for plan in mine:
+                written.append(
+                    self._write_file(
+                        lake.dir / f"{DATE_PREFIX}{plan.date}", plan.file, self._table(spec, plan, now)
+                    )
+                )
+            written.extend(self._write_kept(lake, name, kept))
+            new_paths = set(written)
+            for f in old:
+                for path in existing[f]:
+                    if path not in new_paths:
+                        path.unlink(missing_ok=True)
+                        fsync_dir(path.parent)
+                        log.info(
+                            "superseded %s (partition %d, offsets %d-%d)", path, f.partition, f.first, f.last
+                        )
+        return written
+
+    def _table(self, spec: TopicSpec, plan: FilePlan, now: int) -> pa.Table:
+        cols = self.columns(spec.logical)
+        records = [r.record for r in plan.rows]
+        data: dict[str, Any] = cols.to_columns(records)
+        n = len(records)
+        data["_topic"] = [spec.logical] * n
+        data["_partition"] = [plan.file.partition] * n
+        data["_offset"] = [r.offset for r in plan.rows]
+        data["_key"] = [r.key for r in plan.rows]
+        data["_event_type"] = [spec.event_type] * n
+        data["_ingest_time"] = [now] * n
+        table = pa.Table.from_pydict(data, schema=cols.arrow_schema())
+        if spec.event_type == "feature_update":
+            for name, array in feature_value_columns(records).items():
+                # REQUIRED when the batch has no null: cheaper to read (views declare Nullable).
+                table = table.append_column(pa.field(name, array.type, nullable=array.null_count > 0), array)
+        return table
+
+    def _kept_rows(
+        self, old: Sequence[FileName], existing: Mapping[FileName, list[Path]], new: FileName
+    ) -> dict[tuple[str, str], pa.Table]:
+        """Rows of superseded files outside ``new``'s range, deduplicated by offset.
+
+        Keyed by (side, date folder): side ``below`` holds offsets before ``new.first``,
+        ``above`` those after ``new.last``.
+        """
+        if not old or old == [new]:
+            return {}
+        seen: set[int] = set()
+        parts: dict[tuple[str, str], list[pa.Table]] = {}
+        for f in old:
+            for path in existing[f]:
+                table = pq.read_table(path)
+                offsets = table.column("_offset")
+                for side, mask in (
+                    ("below", pc.less(offsets, new.first)),
+                    ("above", pc.greater(offsets, new.last)),
+                ):
+                    part = table.filter(mask)
+                    fresh = [o not in seen for o in part.column("_offset").to_pylist()]
+                    seen.update(part.column("_offset").to_pylist())
+                    part = part.filter(pa.array(fresh, pa.bool_()))
+                    if part.num_rows:
+                        parts.setdefault((side, path.parent.name), []).append(part)
+        return {
+            key: pa.concat_tables(tables, promote_options="permissive").sort_by("_offset")
+            for key, tables in parts.items()
+        }
+
+    def _write_kept(
+        self, lake: TopicLake, new: FileName, kept: Mapping[tuple[str, str], pa.Table]
+    ) -> list[Path]:
+        """Rewrite kept rows: one name per side, from the range of that side's offsets."""
+        ranges: dict[str, tuple[int, int]] = {}
+        for (side, _date), table in kept.items():
+            offsets = table.column("_offset")
+            lo, hi = pc.min(offsets).as_py(), pc.max(offsets).as_py()
+            old_lo, old_hi = ranges.get(side, (lo, hi))
+            ranges[side] = (min(lo, old_lo), max(hi, old_hi))
+        written = []
+        for (side, date), table in sorted(kept.items()):
+            lo, hi = ranges[side]
+            written.append(
+                self._write_file(lake.dir / date, FileName(new.partition, lo, hi, lake.topic), table)
+            )
+        return written
+
+    @staticmethod
+    def _write_file(directory: Path, name: FileName, table: pa.Table) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / name.name
+        tmp = directory / f".{name.name}.{os.getpid()}.tmp"
+        # Dictionaries help strings and map keys; for floats they only slow reading down.
+        dictionary = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
+        with open(tmp, "wb") as fh:
+            pq.write_table(table, fh, use_dictionary=dictionary)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(directory)
+        return path
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
