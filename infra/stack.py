@@ -1,7 +1,8 @@
 """The local stack: embedded broker, topics, restored state, and background services.
 
 ``start_stack`` is what ``headwater up`` (and the main job) does, in order: start the
-embedded broker unless ``bootstrap_servers`` points at a cluster, create every topic, then
+embedded broker unless ``bootstrap_servers`` points at a cluster, create every topic, restore
+the compacted topics from the lake into a broker it just started (:mod:`infra.restore`), then
 start the stream processors as a background service. ``stop_stack`` undoes it in reverse.
 """
 
@@ -13,9 +14,12 @@ from dataclasses import dataclass, field
 from confluent_kafka.admin import AdminClient
 
 from headwater.settings import Settings
+from infra.restore import restore_from_lake
 from infra.services import ServiceInfo, Services
 from streams.broker import EmbeddedBroker, resolve_bootstrap
+from streams.catalog import SchemaCatalog
 from streams.kafka import client_config
+from streams.serde import Serde
 from streams.topics import TopicCatalog
 
 __all__ = ["PROCESSORS_READY", "Stack", "ensure_topics", "start_stack", "stop_stack"]
@@ -35,6 +39,7 @@ class Stack:
     topics_created: int
     topics_existing: int
     services: list[ServiceInfo] = field(default_factory=list)
+    restored: dict[str, int] = field(default_factory=dict)  # compacted topic -> records restored
 
 
 def ensure_topics(settings: Settings) -> tuple[list[str], list[str]]:
@@ -56,10 +61,13 @@ def start_stack(settings: Settings, *, processors: bool = True) -> Stack:
         pid, started = info.pid, running is None
     bootstrap = resolve_bootstrap(settings)
     created, existing = ensure_topics(settings)
+    restored = restore_from_lake(settings, Serde(SchemaCatalog.load(settings.schemas_dir))) if started else {}
     services = []
     if processors:
-        services.append(Services(settings).start("processors", ["process"], ready=PROCESSORS_READY))
-    return Stack(bootstrap, pid, started, len(created), len(existing), services)
+        services.append(
+            Services(settings).start("processors", ["process"], ready=PROCESSORS_READY, timeout_s=60)
+        )
+    return Stack(bootstrap, pid, started, len(created), len(existing), services, restored)
 
 
 def stop_stack(settings: Settings) -> tuple[list[str], int | None]:

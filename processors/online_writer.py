@@ -34,6 +34,9 @@ class OnlineStoreWriter:
             self._pending[r["feature_set"]].append((r["entity_key"], r["event_time"], r["values"]))
         return Effects()
 
+    def should_flush(self, now_s: float) -> bool:
+        return True  # every batch: state and store writes stay small and freshness high
+
     def flush_effects(self) -> None:
         for feature_set, rows in self._pending.items():
             self.written += self.store.put_batch(feature_set, rows, ttl_s=self.ttls_s.get(feature_set))

@@ -62,6 +62,10 @@ class Processor(Protocol):
 
     def handle(self, events: list[Event], write_time_ms: int) -> Effects: ...
 
+    def should_flush(self, now_s: float) -> bool:
+        """False to keep accumulating (nothing is committed until the next flush)."""
+        ...
+
     def flush_effects(self) -> None:
         """Make side effects outside Kafka durable (store writes, files); called before commit."""
 
@@ -117,14 +121,19 @@ class StreamRunner:
             self.producer.send(topic, record)
         for event, error in effects.rejected:
             self.consumer.dead_letter(event, error)
+        self.processed += len(events)
+        if self.processor.should_flush(self._clock()):
+            self._commit(positions)
+        return len(events)
+
+    def _commit(self, positions: dict[Position, int]) -> None:
+        """Make the effects of everything handled durable, then the state and positions."""
         self.processor.flush_effects()
         self.producer.flush()
         self.state.commit(self.processor.state_changes(), positions)
         self._positions.update(positions)
         self.consumer.commit(positions)
-        self.processed += len(events)
         self.batches += 1
-        return len(events)
 
     def run(self, stop: threading.Event, *, until_caught_up: bool = False) -> None:
         """Loop until ``stop`` is set (or, with ``until_caught_up``, the inputs are drained)."""
@@ -133,7 +142,10 @@ class StreamRunner:
             n = self.run_once()
             drained = self._aligner is None or self._aligner.buffered == 0
             if until_caught_up and n == 0 and drained and self.consumer.caught_up():
-                return
+                break
+        # Whatever a processor still holds is made durable before stopping (a crash replays it).
+        if self._aligner is None:
+            self._commit(self.consumer.pending())
 
     def close(self) -> None:
         try:

@@ -65,6 +65,11 @@ class StateStore:
                     txn.put(key.encode(), value)
             txn.put(_POSITIONS, json.dumps([[t, p, o] for (t, p), o in merged.items()]).encode())
 
+    def reset_positions(self) -> None:
+        """Forget the input positions (a new, empty broker starts every offset at 0); keep the state."""
+        with self._env.begin(write=True) as txn:
+            txn.delete(_POSITIONS)
+
     def close(self) -> None:
         self._env.close()
 

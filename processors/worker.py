@@ -1,9 +1,9 @@
 """Build the platform's processors from the settings and run them, each in its own thread.
 
 Names: ``features-<feature set>`` for every feature set of the repository,
-``online-store-writer`` and ``lake-sink``. One process runs them all on the embedded default;
-in production each can run as its own process (``headwater process NAME``), several per
-name in one consumer group.
+``online-store-writer`` and ``lake-sink`` (every topic to Parquet). One process runs them
+all on the embedded default; in production each can run as its own process
+(``headwater process NAME``), several per name in one consumer group.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from features.repository import FeatureRepository
 from headwater.errors import ConfigError, HeadwaterError, NotFoundError
 from headwater.settings import Settings
 from processors.features import FeatureProcessor
+from processors.lake import LakeWriter
+from processors.lake_sink import LakeSink
 from processors.online_writer import OnlineStoreWriter
 from processors.runtime import StreamRunner
 from processors.state_store import StateStore, StoredStates
@@ -65,6 +67,9 @@ def _runner_factories(
         f"features-{fs.name}": feature_runner(fs.name) for fs in repository.feature_sets
     }
     factories["online-store-writer"] = writer
+    factories["lake-sink"] = lambda: StreamRunner(
+        settings, serde, LakeSink(LakeWriter(settings, serde.catalog)), batch_size=20_000
+    )
     return factories
 
 

@@ -89,11 +89,15 @@ class EventProducer:
         *,
         key: bytes | None = None,
         headers: list[tuple[str, str | bytes | None]] | None = None,
+        partition: int | None = None,
     ) -> None:
         """Queue already-encoded bytes to a physical topic (restores, dead letters, tests)."""
+        target = -1 if partition is None else partition  # -1: librdkafka's partitioner decides
         while True:
             try:
-                self._producer.produce(topic_name, value, key, headers=headers, on_delivery=self._on_delivery)
+                self._producer.produce(
+                    topic_name, value, key, partition=target, headers=headers, on_delivery=self._on_delivery
+                )
                 break
             except BufferError:  # local queue full: serve delivery reports, then retry
                 self._producer.poll(0.1)

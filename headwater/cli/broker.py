@@ -46,6 +46,11 @@ def up(
         verb = "started" if stack.started else "already running"
         console.print(f"Kafka: embedded broker {verb}, pid {stack.broker_pid}, at [bold]{stack.bootstrap}[/]")
     console.print(f"topics: {stack.topics_created} created, {stack.topics_existing} already there")
+    if stack.started:
+        restored = (
+            ", ".join(f"{t} {n:,}" for t, n in stack.restored.items() if n) or "nothing (the lake is empty)"
+        )
+        console.print(f"restored from the lake: {restored}")
     for service in stack.services:
         console.print(f"{service.name}: running, pid {service.pid}, log {service.log_file}")
     console.print(f"data dir: {settings.data_dir.resolve()}")
