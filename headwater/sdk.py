@@ -13,11 +13,16 @@ carry the request-time fields on-demand transforms need. On-demand transforms ru
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+import pandas as pd
+
+from batch.offline_store import open_offline_store
+from batch.offline_store.historical import get_historical_features
 from features.on_demand import apply_on_demand
 from features.repository import FeatureRef, FeatureRepository
 from headwater.errors import HeadwaterError
@@ -36,10 +41,12 @@ class OnlineFeatures:
     freshness_ms: list[int | None] = field(default_factory=list)  # None: no stored value found
     missing: list[list[str]] = field(default_factory=list)  # refs without a stored value, per row
 
-    def to_pandas(self) -> Any:
-        import pandas as pd
-
+    def to_pandas(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 class FeatureStore:
@@ -103,6 +110,50 @@ class FeatureStore:
                 row.update({f"{ref.owner}:{name}": out[name] for name in ref.transform.outputs})
         wanted = [r.ref for r in resolved]
         return OnlineFeatures([{ref: row[ref] for ref in wanted} for row in rows], oldest, missing)
+
+    def get_historical_features(
+        self,
+        labels: pd.DataFrame,
+        refs: Sequence[str],
+        *,
+        bitemporal: bool = True,
+        time_column: str = "label_time",
+    ) -> pd.DataFrame:
+        """The labels with one column per ref, point-in-time correct (:mod:`batch.offline_store.historical`).
+
+        Each label row names its entities by the feature sets' entity fields (``user_id``, ...)
+        and its time in ``time_column`` (epoch ms). By default a value counts only if both its
+        event time and its write time are <= the label time; ``bitemporal=False`` drops the
+        write-time condition. On-demand refs are computed from the retrieved inputs by the same
+        function serving uses.
+        """
+        resolved, stored = self._plan(refs)
+        stored_refs = [f"{fs}:{name}" for fs, names in stored.items() for name in names]
+        entity_columns = {fs: self.repository.feature_set(fs).entity for fs in stored}
+        for fs, column in entity_columns.items():
+            if column not in labels.columns:
+                raise HeadwaterError(f"labels have no {column!r} column, needed by {fs}")
+        with open_offline_store(self.settings) as offline:
+            frame = get_historical_features(
+                offline, labels, stored_refs, bitemporal=bitemporal, time_column=time_column,
+                entity_columns=entity_columns,
+            )  # fmt: skip
+        # Missing is None, as online: pandas' NaN would reach on-demand functions as a truthy
+        # float (``clicks or 0`` is NaN), a training/serving skew.
+        rows = [
+            {str(k): None if _missing(v) else v for k, v in row.items()} for row in frame.to_dict("records")
+        ]
+        applied: set[str] = set()
+        for ref in resolved:
+            if ref.transform is None or ref.owner in applied or not rows:
+                continue
+            applied.add(ref.owner)
+            outputs = apply_on_demand(ref.transform, rows)
+            for row, out in zip(rows, outputs, strict=True):
+                row.update({f"{ref.owner}:{name}": out[name] for name in ref.transform.outputs})
+        # The label columns, then exactly the refs asked for (on-demand inputs fetched on the side drop out).
+        columns = [*labels.columns, *(r.ref for r in resolved)]
+        return pd.DataFrame(rows, columns=list(dict.fromkeys([*frame.columns, *columns])))[columns]
 
     def close(self) -> None:
         if self._online is not None:
