@@ -15,13 +15,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import pandas as pd
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from batch.offline_store import open_offline_store
 from headwater.cli.common import console, serde_for, settings_of, to_json
 from headwater.errors import HeadwaterError
 from headwater.sample_data import CAMPAIGNS, merged_events, retimed
+from headwater.sdk import FeatureStore
 from headwater.settings import Settings
 from infra.stack import Stack, start_stack, stop_stack
 from processors.worker import load_repository
@@ -263,8 +266,88 @@ def _cell(value: object) -> str:
     return "-" if value is None else str(value)
 
 
+TOP_ITEMS_SQL = """
+SELECT item_id,
+       countIf(action = 'IMPRESSION') AS impressions,
+       countIf(action = 'CLICK') AS clicks,
+       round(clicks / impressions, 4) AS ctr
+FROM clicks
+WHERE endsWith(event_id, {run:String})
+GROUP BY item_id
+ORDER BY clicks DESC, impressions DESC
+LIMIT 5
+"""
+
+
+def step_history(
+    settings: Settings, events: list[tuple[str, dict[str, Any]]], run_id: str, timeout_s: float
+) -> None:
+    _step(6, "History in ClickHouse")
+    clicks = sum(1 for topic, _ in events if topic == "clicks")
+    suffix = f"-{run_id}"
+    deadline = time.monotonic() + timeout_s
+    with open_offline_store(settings) as offline:
+        count_sql = "SELECT count() AS n FROM clicks WHERE endsWith(event_id, {run:String})"
+        while (archived := int(offline.query(count_sql, {"run": suffix}).column("n")[0].as_py())) < clicks:
+            if time.monotonic() > deadline:
+                raise HeadwaterError(
+                    f"only {archived:,} of {clicks:,} clicks reached the lake in {timeout_s:.0f}s"
+                )
+            time.sleep(0.2)
+            offline.refresh()
+        console.print(
+            f"the lake sink archived all {clicks:,} clicks as Parquet under {settings.lake_dir}; "
+            "the embedded ClickHouse engine (chdb) queries them as tables named like the topics:"
+        )
+        shown_sql = TOP_ITEMS_SQL.strip().replace("{run:String}", repr(suffix))
+        console.print(f"[dim]{shown_sql}[/]")
+        result = offline.query(TOP_ITEMS_SQL, {"run": suffix})
+        table = Table(*result.column_names, title="most clicked items of this run")
+        for row in result.to_pylist():
+            table.add_row(*(_cell(v) for v in row.values()))
+        console.print(table)
+    outcomes = [r for topic, r in events if topic == "outcomes"]
+    labels = pd.DataFrame(
+        {
+            "user_id": [o["entity_key"] for o in outcomes],
+            "item_id": [o["item_id"] for o in outcomes],
+            "position": [2] * len(outcomes),
+            "label_time": [o["event_time"] - 1 for o in outcomes],
+            "clicked": [o["value"] for o in outcomes],
+        }
+    )
+    refs = [
+        "user_activity:clicks_7d",
+        "user_activity:ctr_7d",
+        "item_activity:ctr_24h",
+        "item_ctr:ctr_at_position",
+    ]
+    start = time.perf_counter()
+    with FeatureStore(settings) as features:
+        training = features.get_historical_features(labels, refs, bitemporal=False)
+        written_by_then = features.get_historical_features(labels, refs[:1])
+    seconds = time.perf_counter() - start
+    console.print(
+        f"a point-in-time training set: {len(training):,} click labels joined to {len(refs)} features as of "
+        f"1 ms before each click (ASOF JOIN), in {seconds:.2f}s for both variants below"
+    )
+    table = Table("user", "item", "label time", "clicked", *(r.split(":")[1] for r in refs))
+    for row in training.tail(5).to_dict("records"):
+        when = datetime.fromtimestamp(row["label_time"] / 1000, UTC)
+        table.add_row(
+            row["user_id"][:8], str(row["item_id"]), f"{when:%m-%d %H:%M:%S}", _cell(row["clicked"]),
+            *(_cell(row[r]) for r in refs),
+        )  # fmt: skip
+    console.print(table)
+    have = int(written_by_then[refs[0]].notna().sum())
+    console.print(
+        f"bitemporal (the default) also requires the value to have been written by the label time: "
+        f"{have:,} of {len(labels):,} labels qualify, since this replay computed a week of features just now"
+    )
+
+
 def step_stop(settings: Settings, stack: Stack, keep_running: bool) -> None:
-    _step(6, "Stop")
+    _step(7, "Stop")
     if not stack.started:
         console.print("nothing to stop: the demo did not start Kafka")
     elif keep_running:
@@ -312,6 +395,7 @@ def demo(
         arrived = step_consume(settings, serde, published, run_id, timeout_s)
         step_report(published, arrived)
         step_features(settings, events, published_at, timeout_s)
+        step_history(settings, events, run_id, timeout_s)
     finally:
         step_stop(settings, stack, keep_running)
     console.rule("[bold green]demo complete")
