@@ -22,7 +22,7 @@ from streams.kafka import client_config
 from streams.serde import Serde
 from streams.topics import TopicCatalog
 
-__all__ = ["PROCESSORS_READY", "Stack", "ensure_topics", "start_stack", "stop_stack"]
+__all__ = ["PROCESSORS_READY", "Stack", "ensure_topics", "start_stack", "stop_services", "stop_stack"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class Stack:
     topics_existing: int
     services: list[ServiceInfo] = field(default_factory=list)
     restored: dict[str, int] = field(default_factory=dict)  # compacted topic -> records restored
+    services_started: list[str] = field(default_factory=list)  # by this call (the caller may stop them)
 
 
 def ensure_topics(settings: Settings) -> tuple[list[str], list[str]]:
@@ -62,18 +63,25 @@ def start_stack(settings: Settings, *, processors: bool = True) -> Stack:
     bootstrap = resolve_bootstrap(settings)
     created, existing = ensure_topics(settings)
     restored = restore_from_lake(settings, Serde(SchemaCatalog.load(settings.schemas_dir))) if started else {}
-    services = []
+    services, services_started = [], []
     if processors:
+        if Services(settings).info("processors") is None:
+            services_started.append("processors")
         services.append(
             Services(settings).start("processors", ["process"], ready=PROCESSORS_READY, timeout_s=60)
         )
-    return Stack(bootstrap, pid, started, len(created), len(existing), services, restored)
+    return Stack(bootstrap, pid, started, len(created), len(existing), services, restored, services_started)
+
+
+def stop_services(settings: Settings, names: list[str] | None = None) -> list[str]:
+    """Stop the named background services (all by default); returns those stopped."""
+    services = Services(settings)
+    return [n for n in (names if names is not None else [i.name for i in services.all()]) if services.stop(n)]
 
 
 def stop_stack(settings: Settings) -> tuple[list[str], int | None]:
     """Stop the services, then the embedded broker; returns (services stopped, broker pid or None)."""
-    services = Services(settings)
-    stopped = [info.name for info in services.all() if services.stop(info.name)]
+    stopped = stop_services(settings)
     broker = EmbeddedBroker(settings)
     info = broker.info()
     pid = info.pid if info is not None and broker.stop() else None

@@ -20,6 +20,7 @@ from typer.testing import CliRunner, Result
 
 from headwater.cli import app
 from headwater.settings import Settings, load_settings
+from infra.services import Services
 from streams.broker import EmbeddedBroker
 from streams.catalog import SchemaCatalog
 from streams.consumer import Event, EventConsumer
@@ -207,7 +208,10 @@ def test_demo_publishes_the_clickstream_and_reads_it_back(settings: Settings) ->
     assert result.exit_code == 0, result.output
     assert "400 events delivered" in result.stdout
     assert "400 events read back" in result.stdout and "0 duplicates" in result.stdout
-    assert "nothing to stop" in result.stdout  # the session broker is not the demo's to stop
+    # It stops the processors it started, and leaves the session broker (not its own) running.
+    assert "stopped processors" in result.stdout
+    assert "nothing else to stop: the demo did not start Kafka" in result.stdout
+    assert Services(settings).all() == []
     assert "demo complete" in result.stdout
 
 

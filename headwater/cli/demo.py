@@ -26,7 +26,7 @@ from headwater.errors import HeadwaterError
 from headwater.sample_data import CAMPAIGNS, merged_events, retimed
 from headwater.sdk import FeatureStore
 from headwater.settings import Settings
-from infra.stack import Stack, start_stack, stop_stack
+from infra.stack import Stack, start_stack, stop_services, stop_stack
 from processors.worker import load_repository
 from serving.online_store import open_online_store
 from streams.consumer import Event, EventConsumer
@@ -307,12 +307,15 @@ def step_history(
             table.add_row(*(_cell(v) for v in row.values()))
         console.print(table)
     outcomes = [r for topic, r in events if topic == "outcomes"]
+    if not outcomes:
+        console.print("no click outcomes in this slice of the clickstream: no training set to build")
+        return
     labels = pd.DataFrame(
         {
             "user_id": [o["entity_key"] for o in outcomes],
             "item_id": [o["item_id"] for o in outcomes],
             "position": [2] * len(outcomes),
-            "label_time": [o["event_time"] - 1 for o in outcomes],
+            "label_time": pd.array([o["event_time"] - 1 for o in outcomes], dtype="int64"),
             "clicked": [o["value"] for o in outcomes],
         }
     )
@@ -349,7 +352,9 @@ def step_history(
 def step_stop(settings: Settings, stack: Stack, keep_running: bool) -> None:
     _step(7, "Stop")
     if not stack.started:
-        console.print("nothing to stop: the demo did not start Kafka")
+        for name in [] if keep_running else stop_services(settings, stack.services_started):
+            console.print(f"stopped {name}")
+        console.print("nothing else to stop: the demo did not start Kafka")
     elif keep_running:
         console.print(
             f"the embedded broker keeps running at {stack.bootstrap} (memory only): try "
