@@ -45,6 +45,18 @@ class OnlineFeatures:
         return pd.DataFrame(self.rows)
 
 
+def _apply_transforms(resolved: Sequence[FeatureRef], rows: list[dict[str, Any]]) -> None:
+    """Add each requested on-demand transform's outputs to the rows, under their refs (in place)."""
+    applied: set[str] = set()
+    for ref in resolved:
+        if ref.transform is None or ref.owner in applied or not rows:
+            continue
+        applied.add(ref.owner)
+        outputs = apply_on_demand(ref.transform, rows)
+        for row, out in zip(rows, outputs, strict=True):
+            row.update({f"{ref.owner}:{name}": out[name] for name in ref.transform.outputs})
+
+
 def _missing(value: Any) -> bool:
     return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
@@ -100,14 +112,7 @@ class FeatureStore:
                     missing[i].extend(f"{fs_name}:{n}" for n in names)
                 else:
                     oldest[i] = max(oldest[i] or 0, got.age_ms)
-        applied: set[str] = set()
-        for ref in resolved:
-            if ref.transform is None or ref.owner in applied or not rows:
-                continue
-            applied.add(ref.owner)
-            outputs = apply_on_demand(ref.transform, rows)
-            for row, out in zip(rows, outputs, strict=True):
-                row.update({f"{ref.owner}:{name}": out[name] for name in ref.transform.outputs})
+        _apply_transforms(resolved, rows)
         wanted = [r.ref for r in resolved]
         return OnlineFeatures([{ref: row[ref] for ref in wanted} for row in rows], oldest, missing)
 
@@ -143,14 +148,7 @@ class FeatureStore:
         rows = [
             {str(k): None if _missing(v) else v for k, v in row.items()} for row in frame.to_dict("records")
         ]
-        applied: set[str] = set()
-        for ref in resolved:
-            if ref.transform is None or ref.owner in applied or not rows:
-                continue
-            applied.add(ref.owner)
-            outputs = apply_on_demand(ref.transform, rows)
-            for row, out in zip(rows, outputs, strict=True):
-                row.update({f"{ref.owner}:{name}": out[name] for name in ref.transform.outputs})
+        _apply_transforms(resolved, rows)
         # The label columns, then exactly the refs asked for (on-demand inputs fetched on the side drop out).
         columns = [*labels.columns, *(r.ref for r in resolved)]
         return pd.DataFrame(rows, columns=list(dict.fromkeys([*frame.columns, *columns])))[columns]

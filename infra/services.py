@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from headwater.errors import HeadwaterError
+from headwater.processes import running, terminate
 from headwater.settings import Settings
 
 __all__ = ["ServiceInfo", "Services"]
@@ -36,13 +35,7 @@ class ServiceInfo:
     argv: list[str]
 
 
-def _running(pid: int, marker: str) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1]
-    except OSError:
-        return False
-    return marker in cmdline and state != "Z"
+_MARKER = "headwater.cli"  # in the command line of every service
 
 
 class Services:
@@ -91,7 +84,7 @@ class Services:
                     if ready.encode() in f.read():
                         break
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    self._kill(proc.pid)
+                    terminate(proc.pid, _MARKER, 5.0)
                     self._state_file(name).unlink(missing_ok=True)
                     tail = log_file.read_text(errors="replace")[-1500:]
                     raise HeadwaterError(f"service {name} did not start; its log {log_file} ends:\n{tail}")
@@ -104,7 +97,7 @@ class Services:
             info = ServiceInfo(**json.loads(self._state_file(name).read_text()))
         except (OSError, ValueError, TypeError):
             return None
-        if _running(info.pid, "headwater.cli"):
+        if running(info.pid, _MARKER):
             return info
         self._state_file(name).unlink(missing_ok=True)
         return None
@@ -117,24 +110,6 @@ class Services:
         info = self.info(name)
         if info is None:
             return False
-        self._kill(info.pid, timeout_s)
+        terminate(info.pid, _MARKER, timeout_s)
         self._state_file(name).unlink(missing_ok=True)
         return True
-
-    @staticmethod
-    def _kill(pid: int, timeout_s: float = 15.0) -> None:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done = 0 if _running(pid, "headwater.cli") else pid
-            if done == pid:
-                return
-            time.sleep(0.05)
-        log.warning("service pid %d ignored SIGTERM for %.0fs; killing it", pid, timeout_s)
-        os.kill(pid, signal.SIGKILL)

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from headwater.errors import HeadwaterError
+from headwater.processes import running, terminate
 from headwater.settings import Settings
 
 __all__ = ["BrokerInfo", "EmbeddedBroker", "free_port", "resolve_bootstrap"]
@@ -48,12 +46,7 @@ class BrokerInfo:
 
 def _alive(pid: int) -> bool:
     """True if ``pid`` runs and is a Tansu broker (guards against a recycled pid)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return b"tansu" in cmdline and stat.split(") ", 1)[1][:1] != "Z"
+    return running(pid, "tansu")
 
 
 def wait_for_metadata(bootstrap: str, timeout_s: float, alive: Callable[[], bool] | None = None) -> None:
@@ -117,7 +110,7 @@ class EmbeddedBroker:
         try:
             wait_for_metadata(bootstrap, cfg.start_timeout_s, alive=lambda: proc.poll() is None)
         except HeadwaterError as exc:
-            self._kill(proc.pid)
+            terminate(proc.pid, "tansu", 5.0)
             tail = log_file.read_text(errors="replace")[-2000:]
             raise HeadwaterError(f"{exc}; broker log {log_file}:\n{tail}") from exc
         info = BrokerInfo(proc.pid, bootstrap, str(log_file), time.time())
@@ -130,26 +123,9 @@ class EmbeddedBroker:
         info = self.info()
         if info is None:
             return False
-        self._kill(info.pid, timeout_s)
+        terminate(info.pid, "tansu", timeout_s)
         self.state_file.unlink(missing_ok=True)
         return True
-
-    @staticmethod
-    def _kill(pid: int, timeout_s: float = 10.0) -> None:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:  # not our child: poll /proc instead
-                done = 0 if _alive(pid) else pid
-            if done == pid:
-                return
-            time.sleep(0.05)
-        os.kill(pid, signal.SIGKILL)
 
     @staticmethod
     def _binary() -> str:
