@@ -18,7 +18,7 @@ from typing import Annotated, NoReturn
 import typer
 from confluent_kafka import KafkaException
 
-from headwater.cli import broker, demo, events, processors, schemas, sql, topics
+from headwater.cli import broker, demo, events, features, processors, schemas, sql, topics
 from headwater.errors import HeadwaterError
 from headwater.settings import Settings, load_settings
 
@@ -56,7 +56,7 @@ def _root(
         ctx.obj = load_settings(config, **overrides)
 
 
-for _module in (broker, topics, schemas, events, processors, sql, demo):
+for _module in (broker, topics, schemas, events, features, processors, sql, demo):
     _module.register(app)
 
 

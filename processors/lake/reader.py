@@ -83,15 +83,24 @@ class LakeReader:
         """The latest record per Kafka key (highest lake offset), in (partition, offset) order.
 
         A key found in several partitions (the partition count changed) keeps its most
-        recently ingested record.
+        recently ingested record. Feature updates are newer-wins on (event time, write time)
+        first, as in the online store: a backfill archived after the stream (in its own lake
+        partitions) must not bring back an older value.
         """
         latest: dict[str | None, LakeRecord] = {}
         for rec in self.iter_records(topic):
             prev = latest.get(rec.key)
-            if (
-                prev is None
-                or (prev.partition == rec.partition and rec.offset > prev.offset)
-                or (prev.partition != rec.partition and rec.ingest_time >= prev.ingest_time)
-            ):
+            if prev is None or _newer(rec, prev):
                 latest[rec.key] = rec
         return sorted(latest.values(), key=lambda r: (r.partition, r.offset))
+
+
+def _newer(rec: LakeRecord, prev: LakeRecord) -> bool:
+    if rec.event_type == "feature_update":
+        mine = (rec.record["event_time"], rec.record["write_time"])
+        theirs = (prev.record["event_time"], prev.record["write_time"])
+        if mine != theirs:
+            return mine > theirs
+    if prev.partition == rec.partition:
+        return rec.offset > prev.offset
+    return rec.ingest_time >= prev.ingest_time

@@ -6,6 +6,8 @@
         store.put_batch("user_activity", [("u1", 1_700_000_000_000, {"clicks_1h": 3})], ttl_s=86_400)
         row, = store.get_batch("user_activity", ["u1"], ["clicks_1h"])
         row.values, row.event_time_ms, row.age_ms
+        # Many entities at once (backfills): an Arrow table of entity_key, event_time, features.
+        store.put_columns("user_activity", table, ttl_s=86_400)
 
 Backends, selected by ``settings.online_store.type``: ``lmdb`` (embedded default),
 ``redis``, ``aerospike``. Each is imported only when selected. The semantics — newer-wins

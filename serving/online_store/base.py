@@ -18,6 +18,10 @@ event time, as a FeatureUpdate event does, so the latest update per key rebuilds
 TTL is by event time: a record written with ``ttl_s`` reads as missing from
 ``event time + ttl_s`` on (values describing an old moment stop being served).
 
+Writes come as rows (``put_batch``: the stream's updates) or as an Arrow table
+(``put_columns``: backfills and batch jobs writing many entities at once, encoded
+column-wise); both obey the same rules.
+
 The stored bytes are the same on every backend: see :mod:`serving.online_store.codec`.
 """
 
@@ -28,9 +32,12 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import ClassVar, NamedTuple, Self
+from typing import TYPE_CHECKING, ClassVar, NamedTuple, Self
 
 from headwater.errors import HeadwaterError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = [
     "FeatureRow",
@@ -97,6 +104,29 @@ class OnlineStore(ABC):
         ``write_time_ms`` defaults to now. Several updates of one entity in the same batch
         behave as if applied one by one: the newest wins, the last of equal ones.
         """
+
+    def put_columns(
+        self,
+        feature_set: str,
+        table: pa.Table,
+        *,
+        entity_column: str = "entity_key",
+        time_column: str = "event_time",
+        ttl_s: float | None = None,
+        write_time_ms: int | None = None,
+    ) -> int:
+        """:meth:`put_batch` from an Arrow table: the bulk path of backfills and batch jobs.
+
+        ``table`` holds the entity keys (strings), the event times (integer epoch ms, or
+        timestamps) and one column per feature, named by the feature, in schema order; every
+        other column is a feature. Same semantics and result as ``put_batch`` with one row per
+        table row. Backends encode the columns vectorised (:mod:`serving.online_store.columnar`);
+        this default goes through ``put_batch``.
+        """
+        from serving.online_store.columnar import rows_of
+
+        rows = rows_of(table, entity_column=entity_column, time_column=time_column)
+        return self.put_batch(feature_set, rows, ttl_s=ttl_s, write_time_ms=write_time_ms)
 
     @abstractmethod
     def get_batch(

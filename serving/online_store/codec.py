@@ -24,7 +24,16 @@ import msgpack
 
 from serving.online_store.base import FeatureRow, OnlineStoreError, Row, Value, check_feature_set, epoch_ms
 
-__all__ = ["HEADER", "MAX_EVENT_TIME_MS", "Buffer", "PreparedRow", "RecordCodec", "event_time_of"]
+__all__ = [
+    "HEADER",
+    "MAX_EVENT_TIME_MS",
+    "Buffer",
+    "PreparedRow",
+    "RecordCodec",
+    "event_time_of",
+    "ttl_ms_of",
+    "write_time_of",
+]
 
 HEADER = struct.Struct(">qqqq")
 # Redis' Lua numbers are doubles: event times above 2**53 would compare inexactly there.
@@ -55,6 +64,18 @@ def event_time_of(record: Buffer) -> int:
     return int(_unpack_header(record)[0])
 
 
+def ttl_ms_of(ttl_s: float | None) -> int:
+    """A put's ``ttl_s`` in milliseconds; 0 means no expiry."""
+    if ttl_s is not None and not ttl_s > 0:
+        raise OnlineStoreError(f"ttl_s must be positive or None (no expiry), got {ttl_s!r}")
+    return 0 if ttl_s is None else max(1, round(ttl_s * 1000))
+
+
+def write_time_of(write_time_ms: int | None) -> int:
+    """A put's ``write_time_ms``, defaulting to now."""
+    return epoch_ms() if write_time_ms is None else operator.index(write_time_ms)
+
+
 class RecordCodec:
     """Encodes batches of updates and decodes records; one per store instance.
 
@@ -78,10 +99,8 @@ class RecordCodec:
         at a time under newer-wins (the last of equal event times wins).
         """
         check_feature_set(feature_set)
-        if ttl_s is not None and not ttl_s > 0:
-            raise OnlineStoreError(f"ttl_s must be positive or None (no expiry), got {ttl_s!r}")
-        ttl_ms = 0 if ttl_s is None else max(1, round(ttl_s * 1000))
-        write_time = epoch_ms() if write_time_ms is None else operator.index(write_time_ms)
+        ttl_ms = ttl_ms_of(ttl_s)
+        write_time = write_time_of(write_time_ms)
 
         newest: dict[str, tuple[int, Mapping[str, Value]]] = {}
         for entity_key, event_time_ms, values in rows:
@@ -114,7 +133,7 @@ class RecordCodec:
             ):
                 body = _normalize_values(feature_set, entity_key, body)
             names = tuple(body)
-            schema = self._ids.get(names) or self._register(names)
+            schema = self.schema(names)
             schemas[schema[0]] = schema[1]
             try:
                 payload = _packb(list(body.values()))
@@ -124,6 +143,10 @@ class RecordCodec:
             header = HEADER.pack(event_time, write_time, expires_at, schema[0])
             prepared.append(PreparedRow(entity_key, event_time, expires_at, header + payload))
         return prepared, schemas
+
+    def schema(self, names: tuple[str, ...]) -> tuple[int, bytes]:
+        """The id and encoded form of a tuple of feature names (the record's schema)."""
+        return self._ids.get(names) or self._register(names)
 
     def _register(self, names: tuple[str, ...]) -> tuple[int, bytes]:
         encoded = _packb(list(names))

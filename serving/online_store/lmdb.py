@@ -5,6 +5,8 @@ of serving processes open it at once. LMDB runs one write transaction at a time 
 processes (a mutex in the lock file), so the read-compare-write of newer-wins inside a write
 transaction is atomic with no retry loop. Readers never block and are never blocked: each
 ``get_batch`` opens a fresh read transaction, which sees every write committed before it.
+``put_columns`` (backfills) does the same in one transaction for a whole column batch,
+encoded vectorised: one multi-get of the stored records, one multi-put in key order.
 
 Keys are ``<feature set> NUL <entity key>`` in the one unnamed database, values the shared
 record format of :mod:`serving.online_store.codec`; schemas live under ``#schema NUL <id>``
@@ -18,6 +20,7 @@ import os
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lmdb
 
@@ -30,6 +33,9 @@ from serving.online_store.base import (
     epoch_ms,
 )
 from serving.online_store.codec import RecordCodec, event_time_of
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = ["LmdbOnlineStore"]
 
@@ -134,13 +140,74 @@ class LmdbOnlineStore(OnlineStore):
                     txn.put(key, row.record)
                     written += 1
         except lmdb.MapFullError as exc:
-            raise OnlineStoreError(
-                f"the LMDB online store at {self.path} is full ({self._map_size_mb} MiB): "
-                "raise online_store.map_size_mb (it is virtual; the file grows as needed)"
-            ) from exc
+            raise self._full() from exc
         except lmdb.Error as exc:
             raise OnlineStoreError(f"LMDB write to {self.path} failed: {exc}") from exc
         return written
+
+    def put_columns(
+        self,
+        feature_set: str,
+        table: pa.Table,
+        *,
+        entity_column: str = "entity_key",
+        time_column: str = "event_time",
+        ttl_s: float | None = None,
+        write_time_ms: int | None = None,
+    ) -> int:
+        env = self._live_env()
+        import numpy as np
+
+        from serving.online_store.columnar import encode_columns
+
+        batch = encode_columns(
+            self._codec,
+            feature_set,
+            table,
+            entity_column=entity_column,
+            time_column=time_column,
+            ttl_s=ttl_s,
+            write_time_ms=write_time_ms,
+        )
+        if not batch.records:
+            return 0
+        prefix = feature_set.encode() + b"\0"
+        keys = [prefix + key.encode() for key in batch.entity_keys]
+        longest = max(keys, key=len)
+        if len(longest) > MAX_KEY_BYTES:
+            entity = longest[len(prefix) : len(prefix) + 40].decode(errors="replace")
+            raise OnlineStoreError(
+                f"{feature_set}/{entity}...: key is {len(longest)} bytes, LMDB allows {MAX_KEY_BYTES}: "
+                "shorten the entity key"
+            )
+        try:
+            with env.begin(write=True) as txn:
+                for schema_id, names in batch.schemas.items():
+                    txn.put(_schema_key(schema_id), names, overwrite=False)
+                cursor = txn.cursor()
+                # Newer-wins inside the write transaction, as put_batch: one sorted multi-get of the
+                # stored records, then one multi-put of the updates not older than them.
+                newer = list(zip(keys, batch.records, strict=True))
+                found = cursor.getmulti(keys)
+                if found:  # stored event times are the records' first 8 bytes (see codec)
+                    position = {key: i for i, key in enumerate(keys)}
+                    at = np.fromiter((position[key] for key, _ in found), np.int64, len(found))
+                    stored = np.frombuffer(b"".join([record[:8] for _, record in found]), ">i8")
+                    kept = set(at[stored > batch.event_times[at]].tolist())  # stored values newer
+                    if kept:
+                        newer = [item for i, item in enumerate(newer) if i not in kept]
+                cursor.putmulti(newer)
+        except lmdb.MapFullError as exc:
+            raise self._full() from exc
+        except lmdb.Error as exc:
+            raise OnlineStoreError(f"LMDB write to {self.path} failed: {exc}") from exc
+        return len(newer)
+
+    def _full(self) -> OnlineStoreError:
+        return OnlineStoreError(
+            f"the LMDB online store at {self.path} is full ({self._map_size_mb} MiB): "
+            "raise online_store.map_size_mb (it is virtual; the file grows as needed)"
+        )
 
     def get_batch(
         self,

@@ -17,7 +17,7 @@ reads check expiry against ``now_ms`` as every backend does.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -29,7 +29,10 @@ from serving.online_store.base import (
     check_feature_set,
     epoch_ms,
 )
-from serving.online_store.codec import RecordCodec
+from serving.online_store.codec import PreparedRow, RecordCodec
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = ["RedisOnlineStore"]
 
@@ -93,6 +96,33 @@ class RedisOnlineStore(OnlineStore):
         write_time_ms: int | None = None,
     ) -> int:
         prepared, schemas = self._codec.encode(feature_set, rows, ttl_s, write_time_ms)
+        return self._write(feature_set, prepared, schemas)
+
+    def put_columns(
+        self,
+        feature_set: str,
+        table: pa.Table,
+        *,
+        entity_column: str = "entity_key",
+        time_column: str = "event_time",
+        ttl_s: float | None = None,
+        write_time_ms: int | None = None,
+    ) -> int:
+        from serving.online_store.columnar import encode_columns
+
+        batch = encode_columns(
+            self._codec,
+            feature_set,
+            table,
+            entity_column=entity_column,
+            time_column=time_column,
+            ttl_s=ttl_s,
+            write_time_ms=write_time_ms,
+        )
+        return self._write(feature_set, batch.prepared(), batch.schemas)
+
+    def _write(self, feature_set: str, prepared: list[PreparedRow], schemas: dict[int, bytes]) -> int:
+        """Newer-wins writes of encoded rows, a pipeline of scripts per chunk."""
         prefix = self._key_prefix_for(feature_set)
         written = 0
         try:

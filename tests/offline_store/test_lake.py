@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from headwater.settings import Settings
+from headwater.settings import Settings, load_settings
 from processors.lake import FileName, LakeReader, LakeRow, LakeWriter, event_columns, plan_files
 from processors.lake.layout import superseded
 from streams.catalog import SchemaCatalog
@@ -257,3 +257,24 @@ def test_lake_rows_accept_named_tuples_and_explicit_keys(writer: LakeWriter, lak
     row = pq.read_table(path).to_pylist()[0]
     assert (row["_key"], row["_partition"], row["_offset"], row["_topic"]) == ("custom-key", 2, 7, "clicks")
     assert row["_event_type"] == "click" and row["_ingest_time"] > T0
+
+
+def test_restore_keeps_the_newest_feature_update_over_a_later_archived_backfill(tmp_path: Path) -> None:
+    """A backfill (own lake partition, archived last) with an older event time must not win the restore."""
+    cfg = load_settings(data_dir=tmp_path)
+    catalog = SchemaCatalog.load(cfg.schemas_dir)
+    writer = LakeWriter(cfg, catalog)
+
+    def update(t: int, source: str) -> dict[str, Any]:
+        return {
+            "event_id": f"u1-{t}-{source}", "feature_set": "user_activity", "feature_set_version": 1,
+            "entity_key": "u1", "event_time": t, "write_time": t + 5, "values": {"clicks_7d": t},
+            "source": source,
+        }  # fmt: skip
+
+    writer.write("feature-updates", [(0, 0, update(100, "STREAM"))])
+    writer.write(
+        "feature-updates", [(2**23 + 19_000, 0, update(50, "BACKFILL"))]
+    )  # written later, older value
+    (latest,) = LakeReader(cfg, catalog).latest_records("feature-updates")
+    assert (latest.record["event_time"], latest.record["source"]) == (100, "STREAM")
