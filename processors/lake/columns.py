@@ -334,6 +334,10 @@ def feature_value_columns(records: Iterable[Mapping[str, Any]]) -> dict[str, pa.
     out: dict[str, pa.Array] = {}
     for name in sorted(cols):
         values = cols[name]
+        if all(v is None for v in values):
+            # No value says the type: a typed guess (Float64) would clash with the String a
+            # later file infers. Left out, union schema inference reads it as NULL here.
+            continue
         if any(isinstance(v, str) for v in values):
             out[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
         else:

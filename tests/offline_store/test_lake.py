@@ -278,3 +278,22 @@ def test_restore_keeps_the_newest_feature_update_over_a_later_archived_backfill(
     )  # written later, older value
     (latest,) = LakeReader(cfg, catalog).latest_records("feature-updates")
     assert (latest.record["event_time"], latest.record["source"]) == (100, "STREAM")
+
+
+def test_a_feature_null_in_one_file_and_string_in_another_is_queryable(tmp_path: Path) -> None:
+    """An all-null batch must not fix a column's type: string values in a later file still read."""
+    from batch.offline_store import open_offline_store
+
+    cfg = load_settings(data_dir=tmp_path)
+    writer = LakeWriter(cfg, SchemaCatalog.load(cfg.schemas_dir))
+    base = {"feature_set": "user_activity", "feature_set_version": 1, "entity_key": "u1", "source": "STREAM"}
+    writer.write("feature-updates", [(0, 0, {**base, "event_id": "a", "event_time": 1, "write_time": 1,
+                                             "values": {"last_item": None}})])  # fmt: skip
+    writer.write("feature-updates", [(0, 1, {**base, "event_id": "b", "event_time": 2, "write_time": 2,
+                                             "values": {"last_item": "14"}})])  # fmt: skip
+    with open_offline_store(cfg) as store:
+        relation = store.relation("feature_updates", store.extra_columns("feature_updates"))
+        rows = store.query(
+            f"SELECT `user_activity:last_item` AS v FROM {relation} ORDER BY event_time"
+        ).to_pylist()
+    assert rows == [{"v": None}, {"v": "14"}]
