@@ -74,7 +74,7 @@ from headwater.errors import ConfigError, HeadwaterError
 from headwater.settings import Settings
 from processors.lake.columns import event_columns
 from processors.lake.layout import DATE_PREFIX, FileName, date_of
-from processors.lake.writer import fsync_dir
+from processors.lake.writer import fsync_dir, write_parquet
 from serving.online_store import open_online_store
 from streams.catalog import SchemaCatalog
 
@@ -414,25 +414,10 @@ def _rewrite_day(
         )
         meta = {"feature_set": fs.name, "version": fs.version, "slot": slot}
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
-        path = _write_file(folder, FileName(partition, first, first + n - 1, TOPIC), table)
+        path = write_parquet(folder, FileName(partition, first, first + n - 1, TOPIC), table)
     for f in mine:
         if f.path != path:
             f.path.unlink(missing_ok=True)
             fsync_dir(f.path.parent)
             log.info("replaced backfill file %s", f.path)
-    return path
-
-
-def _write_file(folder: Path, name: FileName, table: pa.Table) -> Path:
-    """Write to a temporary name, fsync, rename into place, fsync the folder (as the lake writer)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name.name
-    tmp = folder / f".{name.name}.{os.getpid()}.tmp"
-    dictionary = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
-    with open(tmp, "wb") as fh:
-        pq.write_table(table, fh, use_dictionary=dictionary)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(folder)
     return path

@@ -40,7 +40,7 @@ from processors.lake.layout import DATE_PREFIX, FileName, FilePlan, LakeRow, pla
 from streams.catalog import SchemaCatalog
 from streams.topics import TOPICS, TopicSpec
 
-__all__ = ["EPOCHS_FILE", "LakeWriter", "TopicLake", "fsync_dir", "topic_spec"]
+__all__ = ["EPOCHS_FILE", "LakeWriter", "TopicLake", "fsync_dir", "topic_spec", "write_parquet"]
 
 log = logging.getLogger(__name__)
 
@@ -314,18 +314,23 @@ class LakeWriter:
 
     @staticmethod
     def _write_file(directory: Path, name: FileName, table: pa.Table) -> Path:
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / name.name
-        tmp = directory / f".{name.name}.{os.getpid()}.tmp"
-        # Dictionaries help strings and map keys; for floats they only slow reading down.
-        dictionary = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
-        with open(tmp, "wb") as fh:
-            pq.write_table(table, fh, use_dictionary=dictionary)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(directory)
-        return path
+        return write_parquet(directory, name, table)
+
+
+def write_parquet(directory: Path, name: FileName, table: pa.Table) -> Path:
+    """Write a lake file durably: temporary name, fsync, rename into place, fsync the folder."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name.name
+    tmp = directory / f".{name.name}.{os.getpid()}.tmp"
+    # Dictionaries help strings and map keys; for floats they only slow reading down.
+    dictionary = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
+    with open(tmp, "wb") as fh:
+        pq.write_table(table, fh, use_dictionary=dictionary)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(directory)
+    return path
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

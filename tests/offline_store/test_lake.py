@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from processors.lake.layout import superseded
 from streams.catalog import SchemaCatalog
 from tests.avro_strategies import strategy_for
 from tests.offline_store.conftest import T0, click, feature_update
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -151,9 +151,9 @@ def test_sigkill_mid_stream_then_restart_leaves_each_offset_once(lake_settings: 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", CRASHING_SINK, data_dir, "0", "37", "100000"], env=env)
     commit = Path(data_dir) / "committed"
-    deadline = time.monotonic() + 30
-    while (not commit.exists() or int(commit.read_text() or 0) < 300) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(
+        lambda: commit.exists() and int(commit.read_text() or 0) >= 300, 30, "the sink to commit 300 rows"
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     committed = int(commit.read_text())

@@ -20,6 +20,7 @@ from processors.lake import LakeWriter, event_columns
 from streams.catalog import SchemaCatalog
 from streams.topics import TOPICS
 from tests.offline_store.conftest import T0, click, feature_update
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,12 +104,14 @@ def writer_settings(writer: LakeWriter) -> Settings:
 
 READER = textwrap.dedent(
     """
-    import json, sys, time
+    import json, os, pathlib, sys, time
     from headwater.settings import load_settings
     from batch.offline_store import open_offline_store
     settings = load_settings(data_dir=sys.argv[1])
     seen = []
     with open_offline_store(settings) as store:
+        pathlib.Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
+        pathlib.Path(sys.argv[1], f"reader-ready-{os.getpid()}").touch()  # its engine is open
         deadline = time.monotonic() + float(sys.argv[2])
         while time.monotonic() < deadline:
             row = store.query(
@@ -131,7 +134,9 @@ def test_processes_query_the_lake_while_the_sink_writes(lake_settings: Settings,
         )
         for _ in range(2)
     ]
-    time.sleep(1.0)  # let both open their engines (a chdb directory lock would fail the second)
+    # Both engines open before the writes start (a shared chdb directory lock would fail the second).
+    ready = [Path(lake_settings.data_dir, f"reader-ready-{proc.pid}") for proc in readers]
+    wait_for(lambda: all(r.exists() for r in ready), timeout_s=60, what="both readers to open the lake")
     offset, batch = 0, 40
     deadline = time.monotonic() + 2.5
     while time.monotonic() < deadline:
