@@ -22,7 +22,16 @@ from pydantic_settings import (
 
 from headwater.errors import ConfigError
 
-__all__ = ["BrokerSettings", "OfflineStoreSettings", "OnlineStoreSettings", "Settings", "load_settings"]
+__all__ = [
+    "BatchSettings",
+    "BrokerSettings",
+    "OfflineStoreSettings",
+    "OnlineStoreSettings",
+    "RegistrySettings",
+    "ServingSettings",
+    "Settings",
+    "load_settings",
+]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +67,32 @@ class OfflineStoreSettings(BaseModel):
     )
 
 
+class RegistrySettings(BaseModel):
+    """The model registry: events on the compacted ``models`` topic, artifacts in a content-addressed store."""
+
+    artifact_store: str | None = Field(
+        None, description="Local directory or any fsspec URL (s3://...); default <data_dir>/artifacts"
+    )
+
+
+class BatchSettings(BaseModel):
+    """Dagster's daily work: partitions, model specs, the warehouse of daily tables."""
+
+    model_specs: str = Field(
+        "models.examples.clickstream:specs", description="module:attribute returning the model specs"
+    )
+    partitions_start: str = Field("2019-11-24", description="First daily partition (YYYY-MM-DD, UTC)")
+    warehouse_dir: Path | None = Field(None, description="Daily Parquet tables; default <data_dir>/warehouse")
+
+
+class ServingSettings(BaseModel):
+    """The gRPC prediction service."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535, description="0 picks a free port")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics; 0 picks a free port")
+
+
 class Settings(BaseSettings):
     """Everything configurable in Headwater."""
 
@@ -79,6 +114,9 @@ class Settings(BaseSettings):
     )
     online_store: OnlineStoreSettings = Field(default_factory=OnlineStoreSettings)
     offline_store: OfflineStoreSettings = Field(default_factory=OfflineStoreSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
     kafka_client: dict[str, str] = Field(
         default_factory=dict, description="Extra librdkafka settings for every client (security, SASL)"
     )
@@ -107,6 +145,14 @@ class Settings(BaseSettings):
     @property
     def online_store_path(self) -> Path:
         return self.online_store.path or self.data_dir / "online"
+
+    @property
+    def artifact_store_url(self) -> str:
+        return self.registry.artifact_store or str(self.data_dir / "artifacts")
+
+    @property
+    def warehouse_dir(self) -> Path:
+        return self.batch.warehouse_dir or self.data_dir / "warehouse"
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
