@@ -252,6 +252,8 @@ def compare_with_feast(ours: pd.DataFrame, feast_result: pd.DataFrame, n_feature
 def scenario(
     args: argparse.Namespace, labels_n: int, rows: int, batch_rows: int, with_feast: bool
 ) -> dict[str, Any]:
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="headwater-bench-", dir=args.workdir))
     try:
         settings = load_settings(data_dir=workdir / "data")
