@@ -28,7 +28,7 @@ from headwater.errors import HeadwaterError
 from headwater.sdk import FeatureStore
 from headwater.settings import Settings
 from models.artifact import dump_pipeline
-from models.pipeline import ModelPipeline, records
+from models.pipeline import ModelPipeline
 from models.spec import ModelSpec, stored_reads
 from models.tuning import search
 
@@ -144,10 +144,10 @@ def data_hash(frame: pd.DataFrame) -> str:
 
 def feature_stats(pipeline: ModelPipeline, frame: pd.DataFrame) -> dict[str, dict[str, float]]:
     """Per vector column: count, missing share, mean, std, min, max, quantiles (the drift reference)."""
-    x, defaulted = pipeline.assemble(records(frame))
+    x, mask = pipeline.assemble_frame(frame)
     stats: dict[str, dict[str, float]] = {}
     for j, column in enumerate(pipeline.columns):
-        missing = sum(1 for names in defaulted if column in names)
+        missing = int(mask[:, j].sum())
         values = x[:, j]
         entry = {
             "count": float(len(values)),
@@ -211,7 +211,7 @@ def train(
             f"model {spec.name!r}: every training label {spec.label!r} is {pipeline.target(past)[0]}; "
             "widen the date range so both classes occur"
         )
-    x, _ = pipeline.assemble(records(past))
+    x, _ = pipeline.assemble_frame(past)
     result = search(spec, x, pipeline.target(past) if spec.task != "clustering" else np.zeros(len(x)))
     pipeline.fit(past, params=result.params)
     metrics = pipeline.evaluate(holdout)

@@ -50,6 +50,22 @@ def test_a_serving_row_and_a_training_row_assemble_to_the_same_vector(
     assert np.array_equal(ctr.scores(x_train), ctr.scores(x_serve))
 
 
+def test_a_whole_frame_assembles_column_wise_to_the_row_by_row_matrix(
+    ctr: ModelPipeline, frame: pd.DataFrame
+) -> None:
+    holes = frame.copy()
+    holes.loc[holes.index[::7], "user_activity:clicks_7d"] = np.nan  # some missing stored values
+    holes.loc[holes.index[::5], "position"] = None  # and missing request fields
+    x_rows, missing_rows = ctr.assemble(records(holes))
+    x_frame, mask = ctr.assemble_frame(holes)
+    assert np.array_equal(x_rows, x_frame)
+    as_names = [{c for c, m in zip(ctr.columns, row, strict=True) if m} for row in mask.tolist()]
+    assert as_names == [{n for n in names if n in ctr.columns} for names in missing_rows]
+    assert mask.any()
+    with pytest.raises(HeadwaterError, match="features must be numbers"):
+        ctr.assemble_frame(holes.assign(position="top"))
+
+
 def test_missing_values_fall_back_to_defaults_and_are_reported(ctr: ModelPipeline) -> None:
     x, missing = ctr.assemble([{"user_id": "new", "item_id": "1", "position": 3}])
     row = dict(zip(ctr.columns, x[0].tolist(), strict=True))
