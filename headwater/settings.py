@@ -27,6 +27,7 @@ __all__ = [
     "BrokerSettings",
     "OfflineStoreSettings",
     "OnlineStoreSettings",
+    "ProcessorSettings",
     "RegistrySettings",
     "ServingSettings",
     "Settings",
@@ -68,10 +69,16 @@ class OfflineStoreSettings(BaseModel):
 
 
 class RegistrySettings(BaseModel):
-    """The model registry: events on the compacted ``models`` topic, artifacts in a content-addressed store."""
+    """The model registry: events on the compacted ``models`` topic, artifacts content-addressed."""
 
     artifact_store: str | None = Field(
         None, description="Local directory or any fsspec URL (s3://...); default <data_dir>/artifacts"
+    )
+    catch_up_timeout_s: float = Field(
+        30.0, gt=0, description="How long a Registry waits to read the models topic to its end"
+    )
+    write_wait_s: float = Field(
+        30.0, gt=0, description="How long a registry write waits to see its own event (read-your-writes)"
     )
 
 
@@ -83,6 +90,33 @@ class BatchSettings(BaseModel):
     )
     partitions_start: str = Field("2019-11-24", description="First daily partition (YYYY-MM-DD, UTC)")
     warehouse_dir: Path | None = Field(None, description="Daily Parquet tables; default <data_dir>/warehouse")
+    training_lookback_days: int = Field(
+        6, ge=0, description="Training window: the partition's days plus this many days before them"
+    )
+    training_bitemporal: bool = Field(
+        False,
+        description="Point-in-time by write time too; off by default because backfilled feature values "
+        "carry the backfill's write time, after every historical label",
+    )
+    holdout_share: float = Field(0.2, gt=0, lt=1, description="Latest share of the window held out")
+    schedule_hour: int = Field(1, ge=0, le=23, description="UTC hour the daily job runs for the day before")
+    min_rows: int = Field(1, ge=0, description="Asset checks: fewest click events / training rows per day")
+    max_freshness_lag_s: float = Field(
+        6 * 3600.0, gt=0, description="Asset checks: newest click event at most this long before day end"
+    )
+    raw_max_missing_share: float = Field(
+        0.01, ge=0, le=1, description="Asset checks: share of click events without user, item or action"
+    )
+    feature_max_missing_share: float = Field(
+        0.95, ge=0, le=1, description="Asset checks: share of training rows without a value, per feature"
+    )
+    min_positives: int = Field(5, ge=1, description="Asset checks: fewest positive labels in a training set")
+    positive_share_bounds: tuple[float, float] = Field(
+        (0.0005, 0.5), description="Asset checks: allowed share of positive labels (min, max)"
+    )
+    predictions_ttl_s: float = Field(
+        7 * 86_400.0, gt=0, description="Precomputed predictions expire this long after their partition end"
+    )
 
 
 class ServingSettings(BaseModel):
@@ -91,6 +125,52 @@ class ServingSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535, description="0 picks a free port")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics; 0 picks a free port")
+    max_in_flight: int = Field(
+        512, ge=1, description="Requests being answered at once; more are refused with RESOURCE_EXHAUSTED"
+    )
+    client_rate_limit: float = Field(
+        5000.0, ge=0, description="Requests per second per client id (token bucket); 0 turns it off"
+    )
+    client_burst: int = Field(
+        1000, ge=1, description="Token-bucket size per client: requests allowed at once above the rate"
+    )
+    max_entities: int = Field(1000, ge=1, description="Entities per request; more is INVALID_ARGUMENT")
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request accepted")
+    default_timeout_ms: int = Field(
+        1000, ge=0, description="Deadline of a call that sets none (neither gRPC's nor timeout_ms); 0: none"
+    )
+    event_buffer: int = Field(
+        100_000, ge=1, description="Prediction events waiting to be sent; when full, new ones are dropped"
+    )
+    shadow_queue: int = Field(
+        1000, ge=1, description="Requests waiting for shadow scoring; when full, shadow scoring is skipped"
+    )
+    tls_cert_file: Path | None = Field(None, description="PEM server certificate; with tls_key_file turns TLS on")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    auth_tokens_file: Path | None = Field(
+        None,
+        description="File of accepted bearer tokens, one per line; set: calls need `authorization: Bearer <t>`",
+    )
+
+
+class ProcessorSettings(BaseModel):
+    """Which engine hosts the stream processors (the same pure ``Processor`` objects either way)."""
+
+    engine: Literal["native", "faust"] = Field(
+        "native",
+        description=(
+            "'native' (default): processors.runtime.StreamRunner on librdkafka, ~170x Faust's consume "
+            "rate on the embedded broker, state committed with its input positions (effectively once). "
+            "'faust': the same processors hosted by Faust (faust-streaming) agents, with the same state "
+            "store and positions; Faust's own offsets and table changelogs are not relied on"
+        ),
+    )
+    faust_batch_size: int = Field(
+        5000, ge=1, description="Faust engine: most events handed to a processor at once"
+    )
+    faust_session_timeout_s: float = Field(
+        6.0, gt=0, description="Faust engine: consumer group session timeout (short: the embedded broker)"
+    )
 
 
 class Settings(BaseSettings):
@@ -117,6 +197,7 @@ class Settings(BaseSettings):
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
+    processors: ProcessorSettings = Field(default_factory=ProcessorSettings)
     kafka_client: dict[str, str] = Field(
         default_factory=dict, description="Extra librdkafka settings for every client (security, SASL)"
     )

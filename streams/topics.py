@@ -25,8 +25,10 @@ WEEK_MS = 7 * 24 * 3600 * 1000
 
 
 def _model_key(r: dict[str, Any]) -> str:
-    # Versions and aliases are separate keys, so compaction keeps every version and the
-    # latest position of every alias.
+    # Versions, aliases and shadows are separate keys, so compaction keeps every version, the
+    # latest position of every alias and the latest state of every (alias, shadow version).
+    if str(r.get("kind")) in ("SHADOW_ATTACHED", "SHADOW_DETACHED"):
+        return f"{r['model_name']}@{r['alias']}#shadow:{r['version']}"
     if r.get("alias") is not None:  # optional in the schema: absent means a version event
         return f"{r['model_name']}@{r['alias']}"
     return f"{r['model_name']}:{r['version']}"
