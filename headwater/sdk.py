@@ -143,14 +143,16 @@ class FeatureStore:
                 offline, labels, stored_refs, bitemporal=bitemporal, time_column=time_column,
                 entity_columns=entity_columns,
             )  # fmt: skip
+        # The label columns, then exactly the refs asked for (on-demand inputs fetched on the side drop out).
+        columns = [*labels.columns, *(r.ref for r in resolved)]
+        if not any(r.transform is not None for r in resolved):
+            return frame[columns]  # nothing runs per row: keep the columns (1M-row training sets)
         # Missing is None, as online: pandas' NaN would reach on-demand functions as a truthy
         # float (``clicks or 0`` is NaN), a training/serving skew.
         rows = [
             {str(k): None if _missing(v) else v for k, v in row.items()} for row in frame.to_dict("records")
         ]
         _apply_transforms(resolved, rows)
-        # The label columns, then exactly the refs asked for (on-demand inputs fetched on the side drop out).
-        columns = [*labels.columns, *(r.ref for r in resolved)]
         return pd.DataFrame(rows, columns=list(dict.fromkeys([*frame.columns, *columns])))[columns]
 
     def close(self) -> None:
