@@ -80,6 +80,10 @@ class RegistrySettings(BaseModel):
     write_wait_s: float = Field(
         30.0, gt=0, description="How long a registry write waits to see its own event (read-your-writes)"
     )
+    gated_aliases: tuple[str, ...] = Field(
+        ("production",),
+        description="Aliases reached only through the promotion gate (others, e.g. staging, move freely)",
+    )
 
 
 class BatchSettings(BaseModel):

@@ -241,7 +241,9 @@ class Registry:
         if incumbent_v == version:
             raise PromotionRefused(f"{name}@{alias} already points at version {version}")
         metadata: dict[str, Any] = {}
-        if not force:
+        if not force and alias not in self.settings.registry.gated_aliases:
+            metadata["gate"] = {"message": f"{alias} is not gated (settings.registry.gated_aliases)"}
+        elif not force:
             gate = policy_from_spec(
                 candidate.metadata.get("spec"), policy, require_metric=incumbent is not None
             )

@@ -3,8 +3,8 @@
 1. **Register** the artifact with its metadata (training data reference, params, metrics,
    package and code versions, owner, feature statistics, holdout): idempotent on the
    artifact's sha256, so re-running a partition registers nothing new.
-2. **Staging** always points at the newest candidate. Staging is not gated, so the move
-   is forced, with the reason recorded in the event.
+2. **Staging** always points at the newest candidate (only ``settings.registry.gated_aliases``,
+   production by default, go through the gate).
 3. **Production** goes through the promotion gate (:meth:`registry.Registry.promote` with
    the holdout evaluator): the candidate must beat the production version on its holdout by
    the spec's margin, outside the cooldown. The first version has no incumbent and passes.
@@ -91,10 +91,7 @@ def build_registration_asset(
             with registry.view() as state:
                 staging, production = state.alias(name, STAGING), state.alias(name, PRODUCTION)
             if staging != mv.version:
-                registry.promote(
-                    name, mv.version, STAGING, force=True,
-                    reason=f"newest candidate, trained by Dagster on {window.key}; staging is not gated",
-                )  # fmt: skip
+                registry.promote(name, mv.version, STAGING)
             if production == mv.version:
                 metadata.update(promoted=True, gate="already production")
             else:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from batch.offline_store import open_offline_store
-from headwater.errors import HeadwaterError, NotFoundError
+from headwater.errors import ConfigError, HeadwaterError, NotFoundError
 from headwater.settings import Settings
 from processors.lake import LakeWriter
 from processors.worker import run_processors
@@ -49,10 +49,18 @@ def test_promotion_gate_on_real_models(
     assert f"{fitted.weak_auc:.6g}" in message and f"{fitted.strong_auc:.6g}" in message  # both scores
     assert registry.resolve("cancer").version == strong.version
 
-    # The better one wins over the weaker incumbent on staging.
-    registry.promote("cancer", weak.version, "staging", evaluator=evaluate)
-    registry.promote("cancer", strong.version, "staging", evaluator=evaluate)
-    move = registry.state.alias_history("cancer", "staging")[-1]
+    # Staging is not gated by default: any version moves there.
+    registry.promote("cancer", weak.version, "staging")
+    assert registry.resolve("cancer@staging").version == weak.version
+    # Gated, the better one wins over the weaker incumbent.
+    gated = settings.model_copy(
+        update={"registry": settings.registry.model_copy(update={"gated_aliases": ("production", "staging")})}
+    )
+    with Registry(gated, serde) as strict:
+        with pytest.raises(ConfigError, match="needs an evaluator"):
+            strict.promote("cancer", strong.version, "staging")
+        strict.promote("cancer", strong.version, "staging", evaluator=evaluator(strict))
+        move = strict.state.alias_history("cancer", "staging")[-1]
     assert move.previous_version == weak.version and not move.forced
     gate = move.metadata["gate"]
     assert gate["candidate_score"] == pytest.approx(fitted.strong_auc)
