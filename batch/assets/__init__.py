@@ -23,18 +23,30 @@ from dagster import (
     AssetsDefinition,
     AssetSelection,
     BetaWarning,
+    DagsterInstance,
     Definitions,
+    ExecuteInProcessResult,
     PreviewWarning,
     build_schedule_from_partitioned_job,
     define_asset_job,
     in_process_executor,
+    materialize,
 )
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from batch.assets.common import RESOURCE_KEY, Warehouse, Window, daily_partitions
 from batch.assets.events import build_event_assets, build_event_checks
 from headwater.settings import Settings
 
-__all__ = ["DAILY_JOB", "RESOURCE_KEY", "Warehouse", "Window", "build_definitions", "daily_assets"]
+__all__ = [
+    "DAILY_JOB",
+    "RESOURCE_KEY",
+    "Warehouse",
+    "Window",
+    "build_definitions",
+    "daily_assets",
+    "materialize_days",
+]
 
 DAILY_JOB = "daily"
 
@@ -82,4 +94,30 @@ def build_definitions(settings: Settings) -> Definitions:
         # One process: chdb allows one engine per process, the steps run one after another
         # anyway, and a step per subprocess would pay the imports (~3 s) for each.
         executor=in_process_executor,
+    )
+
+
+def materialize_days(
+    settings: Settings,
+    first: str,
+    last: str | None = None,
+    *,
+    instance: DagsterInstance | None = None,
+    raise_on_error: bool = False,
+) -> ExecuteInProcessResult:
+    """Run the whole daily graph in-process for one day, or for ``first..last`` as one run.
+
+    What ``dagster asset materialize --partition[-range]`` does, for the main job and tests.
+    """
+    assets, checks = daily_assets(settings)
+    tags = None
+    if last is not None and last != first:
+        tags = {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
+    return materialize(
+        [*assets, *checks],
+        partition_key=None if tags else first,
+        tags=tags,
+        resources={RESOURCE_KEY: settings},
+        instance=instance,
+        raise_on_error=raise_on_error,
     )

@@ -12,15 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
-from dagster import (
-    AssetKey,
-    DagsterInstance,
-    ExecuteInProcessResult,
-    materialize,
-)
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult
 
-from batch.assets import RESOURCE_KEY, Warehouse, daily_assets
+from batch.assets import Warehouse, daily_assets, materialize_days
 from batch.assets.common import day_bounds
 from batch.assets.predictions import PREDICTIONS, predictions_feature_set
 from batch.offline_store import open_offline_store
@@ -44,16 +38,9 @@ def run(
     instance: DagsterInstance | None = None,
 ) -> ExecuteInProcessResult:
     """Materialize every asset (and check) for a day, or for a range of days as one run."""
-    assets, checks = daily_assets(settings)
-    tags = {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last} if first else None
-    return materialize(
-        [*assets, *checks],
-        partition_key=partition,
-        tags=tags,  # type: ignore[arg-type]
-        resources={RESOURCE_KEY: settings},
-        instance=instance,
-        raise_on_error=False,
-    )
+    day = partition or first
+    assert day is not None
+    return materialize_days(settings, day, last, instance=instance)
 
 
 def materialized(result: ExecuteInProcessResult) -> dict[str, dict[str, Any]]:
