@@ -104,10 +104,12 @@ def materialize_days(
     *,
     instance: DagsterInstance | None = None,
     raise_on_error: bool = False,
+    log_level: str = "DEBUG",
 ) -> ExecuteInProcessResult:
     """Run the whole daily graph in-process for one day, or for ``first..last`` as one run.
 
     What ``dagster asset materialize --partition[-range]`` does, for the main job and tests.
+    ``log_level`` is that of Dagster's console logger (the main job keeps it to warnings).
     """
     assets, checks = daily_assets(settings)
     tags = None
@@ -120,4 +122,5 @@ def materialize_days(
         resources={RESOURCE_KEY: settings},
         instance=instance,
         raise_on_error=raise_on_error,
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
     )

@@ -59,6 +59,7 @@ def _root(
 for _module in (broker, topics, schemas, events, features, processors, sql, demo):
     _module.register(app)
 __import__("headwater.cli.models", fromlist=["register"]).register(app)  # models: registry
+__import__("headwater.cli.serve", fromlist=["register"]).register(app)  # serving
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:

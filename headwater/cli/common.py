@@ -16,7 +16,7 @@ from streams.catalog import SchemaCatalog
 from streams.kafka import client_config
 from streams.serde import Serde
 
-__all__ = ["admin_client", "console", "serde_for", "settings_of", "to_json"]
+__all__ = ["admin_client", "console", "serde_for", "settings_of", "step", "to_json"]
 
 # Tables, progress and status go to stdout through rich; machine-readable output (tail's
 # JSON lines) bypasses rich so that it never wraps or colours.
@@ -31,6 +31,11 @@ def settings_of(ctx: typer.Context) -> Settings:
             "internal: the CLI was invoked without settings; use the `headwater` entry point"
         )
     return settings
+
+
+def step(n: int, title: str) -> None:
+    """The heading of one step of a multi-step command (the demo)."""
+    console.rule(f"[bold]{n}. {title}", align="left")
 
 
 def serde_for(settings: Settings) -> Serde:

@@ -8,6 +8,7 @@ serving) join as further steps between publishing and stopping.
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from collections import Counter
@@ -21,7 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from batch.offline_store import open_offline_store
-from headwater.cli.common import console, serde_for, settings_of, to_json
+from headwater.cli.common import console, serde_for, settings_of, step, to_json
+from headwater.cli.demo_ml import step_train
 from headwater.errors import HeadwaterError
 from headwater.sample_data import CAMPAIGNS, merged_events, retimed
 from headwater.sdk import FeatureStore
@@ -73,12 +75,8 @@ def _progress() -> Progress:
     )  # fmt: skip
 
 
-def _step(n: int, title: str) -> None:
-    console.rule(f"[bold]{n}. {title}", align="left")
-
-
 def step_start_stack(settings: Settings) -> Stack:
-    _step(1, "Start the stack")
+    step(1, "Start the stack")
     stack = start_stack(settings)
     if stack.broker_pid is None:
         console.print(f"Kafka: external cluster at [bold]{stack.bootstrap}[/]")
@@ -94,7 +92,7 @@ def step_start_stack(settings: Settings) -> Stack:
 def step_load_clickstream(
     campaigns: list[str], limit: int | None, run_id: str
 ) -> list[tuple[str, dict[str, Any]]]:
-    _step(2, "Load the clickstream")
+    step(2, "Load the clickstream")
     events: list[tuple[str, dict[str, Any]]] = []
     for event in merged_events(campaigns):
         if limit is not None and len(events) >= limit:
@@ -125,7 +123,7 @@ def step_load_clickstream(
 def step_publish(
     settings: Settings, serde: Serde, events: list[tuple[str, dict[str, Any]]], run_id: str
 ) -> Published:
-    _step(3, "Publish")
+    step(3, "Publish")
     published = Published()
     start = time.perf_counter()
     with _progress() as progress, EventProducer(settings, serde, client_id="headwater-demo") as producer:
@@ -149,7 +147,7 @@ def step_publish(
 def step_consume(
     settings: Settings, serde: Serde, published: Published, run_id: str, timeout_s: float
 ) -> Arrived:
-    _step(4, "Consume it back")
+    step(4, "Consume it back")
     arrived = Arrived()
     expected = published.total
     start = time.perf_counter()
@@ -209,7 +207,7 @@ SHOWN_FEATURES = {
 def step_features(
     settings: Settings, events: list[tuple[str, dict[str, Any]]], published_at: float, timeout_s: float
 ) -> None:
-    _step(5, "Features in real time")
+    step(5, "Features in real time")
     repository = load_repository(settings)
     clicks = [r for topic, r in events if topic == "clicks"]
     expected: dict[str, dict[str, int]] = {}  # feature set -> entity -> its latest event time
@@ -282,7 +280,7 @@ LIMIT 5
 def step_history(
     settings: Settings, events: list[tuple[str, dict[str, Any]]], run_id: str, timeout_s: float
 ) -> None:
-    _step(6, "History in ClickHouse")
+    step(6, "History in ClickHouse")
     clicks = sum(1 for topic, _ in events if topic == "clicks")
     suffix = f"-{run_id}"
     deadline = time.monotonic() + timeout_s
@@ -350,7 +348,7 @@ def step_history(
 
 
 def step_stop(settings: Settings, stack: Stack, keep_running: bool) -> None:
-    _step(7, "Stop")
+    step(8, "Stop")
     if not stack.started:
         for name in [] if keep_running else stop_services(settings, stack.services_started):
             console.print(f"stopped {name}")
@@ -358,13 +356,27 @@ def step_stop(settings: Settings, stack: Stack, keep_running: bool) -> None:
     elif keep_running:
         console.print(
             f"the embedded broker keeps running at {stack.bootstrap} (memory only): try "
-            "`headwater tail clicks --limit 3`, stop it with `headwater down`"
+            f"`headwater --data-dir {settings.data_dir} models list`, stop it with "
+            f"`headwater --data-dir {settings.data_dir} down`"
         )
     else:
         services, pid = stop_stack(settings)
         for name in services:
             console.print(f"stopped {name}")
         console.print(f"stopped the embedded broker (pid {pid})")
+
+
+def _demo_settings(settings: Settings) -> Settings:
+    """The demo's own data directory, emptied: a re-run trains on this run's week only.
+
+    Each run replays the sample as new traffic; in a shared lake, a second copy of the same
+    week would reach the features of the first and leak clicks into the training sets.
+    """
+    own = settings.model_copy(update={"data_dir": settings.data_dir / "demo"})
+    if own.data_dir.exists():
+        stop_stack(own)  # a broker and services left running by `headwater demo --keep-running`
+        shutil.rmtree(own.data_dir)
+    return own
 
 
 def demo(
@@ -390,7 +402,9 @@ def demo(
     if unknown:
         raise typer.BadParameter(f"unknown campaign {unknown[0]!r}; choose from {', '.join(CAMPAIGNS)}")
     run_id = uuid.uuid4().hex[:12]
+    settings = _demo_settings(settings)
     console.rule(f"[bold]Headwater demo[/] (run {run_id})")
+    console.print(f"data directory {settings.data_dir} (the demo's own, reset at each run)")
     stack = step_start_stack(settings)
     try:
         serde = serde_for(settings)
@@ -401,6 +415,7 @@ def demo(
         step_report(published, arrived)
         step_features(settings, events, published_at, timeout_s)
         step_history(settings, events, run_id, timeout_s)
+        step_train(settings, events, 7)
     finally:
         step_stop(settings, stack, keep_running)
     console.rule("[bold green]demo complete")
