@@ -338,6 +338,7 @@ def report(figures: dict[str, Any], args: argparse.Namespace) -> bool:
     print(f"  {'':<58} {'events/s (CPU)':>15} {'events/s (wall)':>16}")
     rows = [
         ("Headwater feature processor, count+sum x 1m/1h/24h", hw),
+        ("the same processor hosted by Faust (engine=faust)", figures["faust"]),
         ("Quix Streams, tumbling 1m count+sum (reference)", q1),
         ("Quix Streams, tumbling count+sum x 1m/1h/24h", q3),
     ]
@@ -380,7 +381,9 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=5000, help="freshness: events/s produced")
     parser.add_argument("--seconds", type=float, default=20.0, help="freshness: how long to produce")
     parser.add_argument(
-        "--parts", default="throughput,quix,freshness", help="comma-separated: throughput, quix, freshness"
+        "--parts",
+        default="throughput,faust,quix,freshness",
+        help="comma-separated: throughput, faust, quix, freshness",
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     # Internal: the measured subprocesses.
@@ -401,6 +404,7 @@ def main() -> int:
     skipped = {"error": "skipped (--parts)"}
     figures: dict[str, Any] = {
         "headwater": skipped,
+        "faust": skipped,
         "quix_1m": skipped,
         "quix_3w": skipped,
         "freshness": skipped,
@@ -413,7 +417,7 @@ def main() -> int:
         info = broker.start()
         core = one_core()
         serde = Serde(SchemaCatalog.load(ROOT / "schemas" / "avro"))
-        if parts & {"throughput", "quix"}:
+        if parts & {"throughput", "faust", "quix"}:
             settings = bench_settings(workdir / "throughput", info.bootstrap)
             TopicCatalog(settings).create_all(AdminClient({"bootstrap.servers": info.bootstrap}))
             took = produce_clicks(settings, serde, clicks(args.events, USERS))
@@ -425,6 +429,12 @@ def main() -> int:
                 timeout_s=900,
             )  # fmt: skip
             print(f"headwater: {figures['headwater']}", flush=True)
+        if "faust" in parts:
+            from faust_streaming import run_faust
+
+            clicks_topic = TopicCatalog(settings).name("clicks")
+            figures["faust"] = run_faust(info.bootstrap, clicks_topic, args.events, core=core)
+            print(f"faust: {figures['faust']}", flush=True)
         if "quix" in parts:
             clicks_topic = TopicCatalog(settings).name("clicks")
             for key, windows in (("quix_1m", WINDOWS_MS[:1]), ("quix_3w", WINDOWS_MS)):

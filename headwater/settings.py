@@ -146,10 +146,15 @@ class ServingSettings(BaseModel):
     event_buffer: int = Field(
         100_000, ge=1, description="Prediction events waiting to be sent; when full, new ones are dropped"
     )
+    model_threads: int = Field(
+        1, ge=1, description="Threads a model may use per call (OpenMP); 1 leaves the cores to the requests"
+    )
     shadow_queue: int = Field(
         1000, ge=1, description="Requests waiting for shadow scoring; when full, shadow scoring is skipped"
     )
-    tls_cert_file: Path | None = Field(None, description="PEM server certificate; with tls_key_file turns TLS on")
+    tls_cert_file: Path | None = Field(
+        None, description="PEM server certificate; with tls_key_file turns TLS on"
+    )
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
     auth_tokens_file: Path | None = Field(
         None,
@@ -163,10 +168,11 @@ class ProcessorSettings(BaseModel):
     engine: Literal["native", "faust"] = Field(
         "native",
         description=(
-            "'native' (default): processors.runtime.StreamRunner on librdkafka, ~170x Faust's consume "
-            "rate on the embedded broker, state committed with its input positions (effectively once). "
-            "'faust': the same processors hosted by Faust (faust-streaming) agents, with the same state "
-            "store and positions; Faust's own offsets and table changelogs are not relied on"
+            "'native' (default): processors.runtime.StreamRunner on librdkafka, state committed with its "
+            "input positions (effectively once); on the embedded broker 2-4x the Faust engine's events/s "
+            "per core for the same feature processor (benchmarks/faust_streaming.py). 'faust': the same "
+            "processors hosted by Faust (faust-streaming) agents with the same state store and positions "
+            "(Faust's offsets and table changelogs are not relied on); needs aiokafka's lz4 codec (cramjam)"
         ),
     )
     faust_batch_size: int = Field(

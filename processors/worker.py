@@ -82,6 +82,10 @@ def run_processors(
     on_ready: Callable[[list[str]], None] | None = None,
 ) -> dict[str, int]:
     """Run the named processors (all by default) until ``stop``; returns events processed per name."""
+    if settings.processors.engine == "faust":  # the same processors hosted by Faust agents
+        from processors.faust import run_faust  # imported only when chosen: Faust and aiokafka are heavy
+
+        return run_faust(settings, names, stop, until_caught_up=until_caught_up, on_ready=on_ready)
     serde = Serde(SchemaCatalog.load(settings.schemas_dir))
     repository = load_repository(settings)
     factories = _runner_factories(settings, serde, repository)
