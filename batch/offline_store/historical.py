@@ -46,6 +46,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import overload
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -233,7 +234,7 @@ def get_historical_features(
     names = {
         "labels": f"_hw_labels_{tag}",
         "match": f"_hw_match_{tag}",
-        "values": f"_hw_values_{tag}",
+        "rids": f"_hw_rids_{tag}",
         **{f"keys{j}": f"_hw_keys{j}_{tag}" for j in range(len(ent_cols))},
     }
     labels_sql = store.stage(staged, names["labels"])
@@ -264,28 +265,42 @@ def get_historical_features(
             f"SELECT assumeNotNull(_hw_rid{i}) AS _hw_rid FROM {names['match']} WHERE _hw_rid{i} IS NOT NULL"
             for i in range(len(sets))
         )
-        # A semi join streams the lake through a hash of the matched ids on every core.
-        values = (
-            f"SELECT v.* FROM (SELECT {_ROW_ID} AS rid{times}, {value_cols} FROM {source}) AS v "
-            f"LEFT SEMI JOIN ({any_rid}) AS ids ON v.rid = ids._hw_rid"
+        # One scan of the lake filtered by a Set of the matched ids (cheaper than a semi join);
+        # the values go to the labels by rid here, in Arrow: cheaper than a 50-wide join and sort.
+        store.execute(f"CREATE TABLE {names['rids']} ENGINE = Set AS {any_rid}")
+        values = store.query(
+            f"SELECT {_ROW_ID} AS rid{times}, {value_cols} FROM {source} WHERE rid IN {names['rids']}"
         )
-        if len(sets) > 1:  # joined once per feature set: read the lake once
-            store.execute(f"CREATE TEMPORARY TABLE {names['values']} ENGINE = Memory AS {values}")
-            values = names["values"]
-        else:
-            values = f"({values})"
-        select, fetch = [], []
-        for i, fs in enumerate(sets):
-            select += [f"v{i}.{_ident(f'{fs}:{f}')} AS {_ident(out_names[f'{fs}:{f}'])}" for f in sets[fs]]
-            if include_timestamps:
-                select += [f"v{i}.event_time AS {_ident(f'{fs}:event_time')}"]
-                select += [f"v{i}.write_time AS {_ident(f'{fs}:write_time')}"]
-            fetch.append(f"LEFT JOIN {values} AS v{i} ON m._hw_rid{i} = v{i}.rid")
-        features = store.query(
-            f"SELECT {', '.join(select)} FROM {names['match']} AS m {' '.join(fetch)} "
-            "ORDER BY m._hw_row SETTINGS join_use_nulls = 1"
-        )
+        match = store.query(f"SELECT * FROM {names['match']} ORDER BY _hw_row")
     finally:
         for name in names.values():
             store.unstage(name)
+    features = _by_rid(values, match, sets, out_names, include_timestamps)
     return _attach(labels, table, features)
+
+
+def _by_rid(
+    values: pa.Table,
+    match: pa.Table,
+    sets: Mapping[str, list[str]],
+    out_names: Mapping[str, str],
+    include_timestamps: bool,
+) -> pa.Table:
+    """Per label (``match``'s rows, in label order) and feature set, the columns of its matched lake row."""
+    rids = values.column("rid").to_numpy()
+    order = np.argsort(rids, kind="stable")
+    sorted_rids = rids[order]
+    columns: dict[str, pa.ChunkedArray | pa.Array] = {}
+    for i, fs in enumerate(sets):
+        wanted = match.column(f"_hw_rid{i}")
+        found = pc.is_valid(wanted).to_numpy(zero_copy_only=False)
+        keys = pc.fill_null(wanted, 0).to_numpy()
+        at = np.minimum(np.searchsorted(sorted_rids, keys), max(len(sorted_rids) - 1, 0))
+        hit = found & (sorted_rids[at] == keys) if len(sorted_rids) else np.zeros(len(keys), bool)
+        take = pa.array(order[at] if len(sorted_rids) else np.zeros(len(keys), np.int64), mask=~hit)
+        for f in sets[fs]:
+            columns[out_names[f"{fs}:{f}"]] = values.column(f"{fs}:{f}").take(take)
+        if include_timestamps:
+            columns[f"{fs}:event_time"] = values.column("event_time").take(take)
+            columns[f"{fs}:write_time"] = values.column("write_time").take(take)
+    return pa.table(columns)
