@@ -5,7 +5,15 @@ from typing import Any
 from headwater.errors import ConfigError, HeadwaterError, NotFoundError
 from headwater.settings import Settings, load_settings
 
-__all__ = ["ConfigError", "FeatureStore", "HeadwaterError", "NotFoundError", "Settings", "load_settings"]
+__all__ = [
+    "ConfigError",
+    "FeatureStore",
+    "HeadwaterError",
+    "NotFoundError",
+    "PredictionClient",
+    "Settings",
+    "load_settings",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -15,4 +23,8 @@ def __getattr__(name: str) -> Any:
         from headwater.sdk import FeatureStore
 
         return FeatureStore
+    if name == "PredictionClient":
+        from headwater.client import PredictionClient
+
+        return PredictionClient
     raise AttributeError(f"module 'headwater' has no attribute {name!r}")

@@ -158,7 +158,7 @@ class ServingSettings(BaseModel):
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
     auth_tokens_file: Path | None = Field(
         None,
-        description="File of accepted bearer tokens, one per line; set: calls need `authorization: Bearer <t>`",
+        description="File of bearer tokens, one per line; set: calls need `authorization: Bearer <token>`",
     )
 
 

@@ -58,6 +58,21 @@ install_python_packages() {
   echo "$want" > "$stamp"
 }
 
+# The prediction API's Python code (serving/api/v1/*_pb2*.py, git-ignored), regenerated when the
+# .proto is newer than it. `-I .` from the repository root makes the stubs import
+# `serving.api.v1.prediction_pb2`.
+generate_grpc_code() {
+  local proto=serving/api/v1/prediction.proto out
+  for out in serving/api/v1/prediction_pb2.py serving/api/v1/prediction_pb2.pyi serving/api/v1/prediction_pb2_grpc.py; do
+    if [ ! -f "$out" ] || [ "$proto" -nt "$out" ]; then
+      log "generating the gRPC code of $proto"
+      "$VENV/bin/python" -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. "$proto"
+      return 0
+    fi
+  done
+}
+
 install_system_packages
 install_python_packages
+generate_grpc_code
 log "ready: $VENV"

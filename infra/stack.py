@@ -3,7 +3,8 @@
 ``start_stack`` is what ``headwater up`` (and the main job) does, in order: start the
 embedded broker unless ``bootstrap_servers`` points at a cluster, create every topic, restore
 the compacted topics from the lake into a broker it just started (:mod:`infra.restore`), then
-start the stream processors as a background service. ``stop_stack`` undoes it in reverse.
+start the stream processors and the prediction service (``headwater serve``) as background
+services. ``stop_stack`` undoes it in reverse.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from confluent_kafka.admin import AdminClient
 from headwater.settings import Settings
 from infra.restore import restore_from_lake
 from infra.services import ServiceInfo, Services
+from serving import READY_LINE as SERVING_READY
 from streams.broker import EmbeddedBroker, resolve_bootstrap
 from streams.catalog import SchemaCatalog
 from streams.kafka import client_config
@@ -51,7 +53,7 @@ def ensure_topics(settings: Settings) -> tuple[list[str], list[str]]:
     return created, existing
 
 
-def start_stack(settings: Settings, *, processors: bool = True) -> Stack:
+def start_stack(settings: Settings, *, processors: bool = True, serving: bool = True) -> Stack:
     """Start what is not running yet; idempotent."""
     pid: int | None = None
     started = False
@@ -70,6 +72,10 @@ def start_stack(settings: Settings, *, processors: bool = True) -> Stack:
         services.append(
             Services(settings).start("processors", ["process"], ready=PROCESSORS_READY, timeout_s=60)
         )
+    if serving:  # after the processors: it reads the online store they keep current
+        if Services(settings).info("serving") is None:
+            services_started.append("serving")
+        services.append(Services(settings).start("serving", ["serve"], ready=SERVING_READY, timeout_s=120))
     return Stack(bootstrap, pid, started, len(created), len(existing), services, restored, services_started)
 
 

@@ -36,10 +36,13 @@ def up(
     processors: bool = typer.Option(
         True, "--processors/--no-processors", help="Also run the stream processors."
     ),
+    serving: bool = typer.Option(
+        True, "--serving/--no-serving", help="Also run the gRPC prediction service."
+    ),
 ) -> None:
-    """Start the embedded Kafka broker (unless bootstrap_servers is set), topics and processors."""
+    """Start the embedded Kafka broker (unless bootstrap_servers is set), topics, processors, serving."""
     settings = settings_of(ctx)
-    stack = start_stack(settings, processors=processors)
+    stack = start_stack(settings, processors=processors, serving=serving)
     if stack.broker_pid is None:
         console.print(f"Kafka: external cluster at [bold]{stack.bootstrap}[/] (bootstrap_servers is set)")
     else:

@@ -74,7 +74,7 @@ def lake_rows(settings: Settings, serde: Serde) -> dict[str, int]:
 
 def test_broker_restart_restores_every_compacted_topic(tmp_path: Path, serde: Serde) -> None:
     settings = load_settings(data_dir=tmp_path / "stack")
-    start_stack(settings, processors=False)  # its own broker: this test stops and restarts it
+    start_stack(settings, processors=False, serving=False)  # its own broker: this test stops and restarts it
     try:
         with EventProducer(settings, serde) as producer:
             for version in (1, 2, 3):
@@ -96,7 +96,7 @@ def test_broker_restart_restores_every_compacted_topic(tmp_path: Path, serde: Se
         assert archived == {"models": 5, "experiments": 3, "bandit-state": 3, "feature-updates": 6}
 
         stop_stack(settings)  # the memory-only broker forgets everything
-        stack = start_stack(settings, processors=False)
+        stack = start_stack(settings, processors=False, serving=False)
         assert stack.started
         assert stack.restored == {"models": 4, "experiments": 1, "bandit-state": 1, "feature-updates": 2}
         assert snapshot(settings, serde) == before

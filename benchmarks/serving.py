@@ -1,0 +1,451 @@
+"""The prediction service under load: latency at fixed rates, maximum throughput, batch throughput,
+and the online-feature part alone against Feast's Python SDK on the same features.
+
+    .venv/bin/python benchmarks/serving.py                 # everything (a few minutes)
+    .venv/bin/python benchmarks/serving.py --quick         # short passes while developing
+    .venv/bin/python benchmarks/serving.py --no-feast
+
+Set-up (in a temporary directory, nothing shared with a running stack): an embedded broker,
+two feature sets of 25 features each (``bench_user`` keyed by user_id, ``bench_item`` by
+item_id: 50 online features per entity), 10,000 users and 1,000 items in the LMDB online
+store, and a gradient-boosted model (HistGradientBoostingClassifier, 100 trees) on the 50
+features, registered and promoted through the real registry. One server process is started
+with ``headwater serve`` (rate limits off); load comes from separate processes running the
+gRPC asyncio client:
+
+- open loop at fixed rates (500, 1,000, 2,000 calls/s) of single-entity calls: p50 / p99 of
+  latency measured from each call's *scheduled* start (no coordinated omission);
+- closed loop with many calls outstanding: the maximum single-entity calls/s of the server;
+- closed loop of 100-entity calls: scored items/s.
+
+Targets (issue 5, one server process): p99 <= 5 ms at 1,000 calls/s, >= 3,000 single-entity
+predictions/s, >= 100,000 scored items/s. The machine's cores are shared by the server and the
+load generators: the figures are for the whole machine as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from features.definitions import Count, FeatureSet, Max, Mean  # noqa: E402
+from features.predicates import Eq  # noqa: E402
+from features.repository import FeatureRepository  # noqa: E402
+
+WINDOWS = ["5m", "1h", "6h", "24h", "7d"]
+N_USERS, N_ITEMS = 10_000, 1_000
+TARGET_P99_MS, TARGET_SINGLE, TARGET_ITEMS = 5.0, 3_000.0, 100_000.0
+
+
+def _features() -> list[Any]:
+    return [
+        Count(windows=WINDOWS, where=Eq("action", "IMPRESSION"), name="impressions"),
+        Count(windows=WINDOWS, where=Eq("action", "CLICK"), name="clicks"),
+        Mean("position", windows=WINDOWS, name="mean_position"),
+        Mean("propensity", windows=WINDOWS, name="mean_propensity"),
+        Max("position", windows=WINDOWS, name="max_position"),
+    ]
+
+
+def bench_repository() -> FeatureRepository:
+    """Two feature sets of 25 features: 50 online features per (user, item)."""
+    user = FeatureSet(
+        "bench_user",
+        entity="user_id",
+        source="clicks",
+        features=_features(),
+        owner="bench",
+        description="benchmark",
+    )
+    item = FeatureSet(
+        "bench_item",
+        entity="item_id",
+        source="clicks",
+        features=_features(),
+        owner="bench",
+        description="benchmark",
+    )
+    return FeatureRepository([user, item])
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+def setup(workdir: Path) -> tuple[Any, Any, dict[str, list[str]]]:
+    """Broker, topics, online data and the registered model; returns (settings, broker, reads)."""
+    import numpy as np
+    import pandas as pd
+    from confluent_kafka.admin import AdminClient
+
+    from headwater.settings import load_settings
+    from models.artifact import dump_pipeline
+    from models.pipeline import ModelPipeline
+    from models.spec import ModelSpec
+    from registry.registry import Registry
+    from serving.online_store import open_online_store
+    from streams.broker import EmbeddedBroker
+    from streams.topics import TopicCatalog
+
+    base = load_settings(data_dir=workdir / "data", feature_repository="benchmarks.serving:bench_repository")
+    broker = EmbeddedBroker(base)
+    info = broker.start()
+    try:
+        settings = base.model_copy(update={"bootstrap_servers": info.bootstrap})
+        TopicCatalog(settings).create_all(AdminClient({"bootstrap.servers": info.bootstrap}))
+        repository = bench_repository()
+        refs = [f"{fs.name}:{f.name}" for fs in repository for f in fs.features]
+        spec = ModelSpec(
+            name="bench_model",
+            entity_keys=("user_id", "item_id"),
+            features=tuple(refs),
+            label="clicked",
+            task="classification",
+            estimator="hist_gradient_boosting",
+            params={"max_iter": 100},
+            owner="bench",
+        )
+        rng = np.random.default_rng(7)
+        n = 20_000
+        frame = pd.DataFrame(
+            {"user_id": ["u"] * n, "item_id": ["i"] * n, **{r: rng.random(n) * 100 for r in refs}}
+        )
+        frame["clicked"] = (frame[refs[0]] + frame[refs[30]] + rng.normal(0, 30, n) > 110).astype(int)
+        pipeline = ModelPipeline(spec, repository).fit(frame)
+        with Registry(settings, actor="bench") as registry:
+            mv = registry.register(
+                spec.name,
+                dump_pipeline(pipeline),
+                feature_refs=refs,
+                metadata={"spec": spec.model_dump(mode="json")},
+            )
+            registry.promote(spec.name, mv.version, force=True, reason="benchmark")
+        now = time.time_ns() // 1_000_000 - 60_000
+        with open_online_store(settings) as store:
+            for fs, count, prefix in (("bench_user", N_USERS, "u"), ("bench_item", N_ITEMS, "i")):
+                names = [f.name for f in repository.feature_set(fs).features]
+                store.put_batch(
+                    fs,
+                    [
+                        (f"{prefix}{k}", now, {m: float(rng.random() * 100) for m in names})
+                        for k in range(count)
+                    ],
+                )
+    except BaseException:
+        broker.stop()  # never leave a broker behind
+        raise
+    return settings, broker, pipeline.reads
+
+
+def start_server(settings: Any, workdir: Path) -> tuple[subprocess.Popen[str], str]:
+    import yaml
+
+    serving = {
+        "port": 0,
+        "metrics_port": 0,
+        "client_rate_limit": 0.0,
+        "max_in_flight": 4096,
+        "default_timeout_ms": 0,
+    }
+    data = settings.model_copy(update={"serving": settings.serving.model_copy(update=serving)})
+    config = workdir / "settings.yaml"
+    config.write_text(yaml.safe_dump(data.model_dump(mode="json", exclude_none=True)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "headwater.cli", "--config", str(config), "serve"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        found = re.search(r"serving ready: grpc://(\S+)", line)
+        if found:
+            threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True).start()
+            return proc, found.group(1)
+    raise SystemExit(f"the server did not start (exit {proc.wait()})")
+
+
+# -- load generation (separate processes) ---------------------------------------------------------
+def _requests(n_entities: int, count: int, seed: int) -> list[bytes]:
+    from serving.api.v1 import prediction_pb2 as pb
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        request = pb.PredictRequest(model="bench_model", client_id=f"bench-{seed}")
+        user = f"u{rng.randrange(N_USERS)}"
+        for _ in range(n_entities):
+            request.entities.add().keys.update({"user_id": user, "item_id": f"i{rng.randrange(N_ITEMS)}"})
+        out.append(request.SerializeToString())
+    return out
+
+
+def _worker(
+    target: str,
+    *,
+    mode: str,
+    rate: float,
+    duration: float,
+    n_entities: int,
+    concurrency: int,
+    seed: int,
+    out: Any,
+) -> None:
+    import grpc
+
+    async def run() -> dict[str, Any]:
+        channel = grpc.aio.insecure_channel(target)
+        call = channel.unary_unary("/headwater.serving.v1.PredictionService/Predict")
+        payloads = _requests(n_entities, 512, seed)
+        for p in payloads[:50]:
+            await call(p)
+        latencies: list[float] = []
+        errors = 0
+        loop = asyncio.get_running_loop()
+
+        async def one(payload: bytes, scheduled: float) -> None:
+            nonlocal errors
+            try:
+                await call(payload, timeout=10)
+                latencies.append(loop.time() - scheduled)
+            except grpc.RpcError:
+                errors += 1
+
+        start = loop.time()
+        if mode == "open":
+            tasks = []
+            interval = 1.0 / rate
+            i = 0
+            while (scheduled := start + i * interval) < start + duration:
+                delay = scheduled - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.ensure_future(one(payloads[i % len(payloads)], scheduled)))
+                i += 1
+            await asyncio.gather(*tasks)
+        else:
+
+            async def closed(k: int) -> None:
+                i = k
+                while loop.time() < start + duration:
+                    await one(payloads[i % len(payloads)], loop.time())
+                    i += concurrency
+
+            await asyncio.gather(*(closed(k) for k in range(concurrency)))
+        elapsed = loop.time() - start
+        await channel.close()
+        return {"latencies": latencies, "errors": errors, "elapsed": elapsed}
+
+    out.put(asyncio.run(run()))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(
+    target: str,
+    *,
+    mode: str,
+    rate: float = 0,
+    duration: float,
+    n_entities: int = 1,
+    processes: int = 2,
+    concurrency: int = 1,
+) -> dict[str, float]:
+    queue: Any = mp.get_context("spawn").Queue()
+    workers = [
+        mp.get_context("spawn").Process(
+            target=_worker,
+            kwargs={
+                "target": target,
+                "mode": mode,
+                "rate": rate / processes,
+                "duration": duration,
+                "n_entities": n_entities,
+                "concurrency": concurrency,
+                "seed": seed,
+                "out": queue,
+            },
+        )
+        for seed in range(processes)
+    ]
+    for w in workers:
+        w.start()
+    results = [queue.get() for _ in workers]
+    for w in workers:
+        w.join()
+    latencies = sorted(x for r in results for x in r["latencies"])
+    elapsed = max(r["elapsed"] for r in results)
+    calls = len(latencies)
+    return {
+        "calls": calls,
+        "errors": sum(r["errors"] for r in results),
+        "calls_per_s": calls / elapsed,
+        "items_per_s": calls * n_entities / elapsed,
+        "p50_ms": latencies[calls // 2] * 1e3 if calls else float("nan"),
+        "p99_ms": latencies[min(calls - 1, int(calls * 0.99))] * 1e3 if calls else float("nan"),
+    }
+
+
+# -- the online-feature part alone, against Feast --------------------------------------------------
+def feature_part(
+    settings: Any, workdir: Path, reads: dict[str, list[str]], calls: int, feast: bool
+) -> dict[str, Any]:
+    """The server's feature reads (two sets x 25 for a (user, item)), and one set of 50 features
+    per user in Headwater's LMDB and in Feast (SQLite online store), on the same values."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from benchmarks.features_online import make_rows, run_feast, time_reads
+    from serving.online_store import open_online_store
+
+    rng = random.Random(3)
+    out: dict[str, Any] = {}
+    with open_online_store(settings) as store:
+        pairs = [(f"u{rng.randrange(N_USERS)}", f"i{rng.randrange(N_ITEMS)}") for _ in range(calls)]
+        user_names, item_names = reads["bench_user"], reads["bench_item"]
+
+        def request_reads(batch: list[str]) -> object:
+            user, item = batch[0].split("|")
+            return (
+                store.get_batch("bench_user", [user], user_names),
+                store.get_batch("bench_item", [item], item_names),
+            )
+
+        out["headwater 2 sets x 25 (a request's reads)"] = time_reads(
+            request_reads, [[f"{u}|{i}"] for u, i in pairs], 100
+        )
+        features, rows = make_rows(N_USERS, 50)
+        keys = [f"user-{i:06d}" for i in range(N_USERS)]
+        event_time_ms = (int(time.time()) - 3_600) * 1000
+        store.put_batch("bench_flat", [(k, event_time_ms, r) for k, r in zip(keys, rows, strict=True)])
+        spec = {
+            "features": features,
+            "warmup": 100,
+            "probe": [keys[0], keys[-1]],
+            "cases": {
+                "1x50": [[rng.choice(keys)] for _ in range(calls)],
+                "100x50": [rng.sample(keys, 100) for _ in range(max(100, calls // 10))],
+            },
+        }
+        for case, lookups in spec["cases"].items():
+            out[f"headwater lmdb {case}"] = time_reads(
+                lambda b: store.get_batch("bench_flat", b, features), lookups, 100
+            )
+    if feast:
+        feast_dir = workdir / "feast"
+        feast_dir.mkdir()
+        (feast_dir / "lookups.json").write_text(json.dumps(spec))
+        table = pa.table(
+            {
+                "user_id": keys,
+                "event_timestamp": pa.array([event_time_ms] * len(keys), pa.timestamp("ms", tz="UTC")),
+                **{f: [r[f] for r in rows] for f in features},
+            }
+        )
+        pq.write_table(table, feast_dir / "rows.parquet")
+        result = run_feast(feast_dir)
+        if "error" in result:
+            out["feast"] = result["error"].splitlines()[-1] if result["error"] else "unavailable"
+        else:
+            for case, figures in result["cases"].items():
+                out[f"feast {result['feast_version']} sqlite {case}"] = figures
+    return out
+
+
+def run_passes(settings: Any, workdir: Path, duration: float, processes: int) -> dict[str, Any]:
+    """Every load pass against one server process; its CPU time per call from /proc."""
+    figures: dict[str, Any] = {}
+    proc, target = start_server(settings, workdir)
+    try:
+        common = {"duration": duration, "processes": processes}
+        passes: dict[str, dict[str, Any]] = {
+            **{f"open {rate}/s": {"mode": "open", "rate": rate} for rate in (500, 1_000, 2_000)},
+            "max single": {"mode": "closed", "concurrency": 16},
+            "batch 100": {"mode": "closed", "n_entities": 100, "concurrency": 4},
+        }
+        for name, options in passes.items():
+            before = cpu_seconds(proc.pid)
+            figures[name] = load(target, **common, **options)
+            calls = max(1, figures[name]["calls"])
+            figures[name]["server_cpu_ms_per_call"] = (cpu_seconds(proc.pid) - before) * 1e3 / calls
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="short passes (development)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load pass")
+    parser.add_argument("--processes", type=int, default=2, help="load-generating processes")
+    parser.add_argument("--no-feast", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args()
+    duration = 3.0 if args.quick else args.duration
+    figures: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="hw-bench-serving-") as tmp:
+        workdir = Path(tmp)
+        settings, broker, reads = setup(workdir)
+        try:
+            figures.update(run_passes(settings, workdir, duration, args.processes))
+            figures["feature part"] = feature_part(
+                settings, workdir, reads, 500 if args.quick else 3_000, feast=not args.no_feast
+            )
+        finally:
+            broker.stop()
+    return report(figures, args)
+
+
+def report(figures: dict[str, Any], args: argparse.Namespace) -> int:
+    print(f"prediction service, one server process, {os.cpu_count()} cores shared with the load generators")
+    print(
+        f"{'pass':<16}{'calls/s':>10}{'items/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+        f"{'server CPU ms/call':>20}"
+    )
+    for name in ("open 500/s", "open 1000/s", "open 2000/s", "max single", "batch 100"):
+        f = figures[name]
+        print(
+            f"{name:<16}{f['calls_per_s']:>10,.0f}{f['items_per_s']:>11,.0f}{f['p50_ms']:>9.2f}{f['p99_ms']:>9.2f}"
+            f"{f['errors']:>8}{f['server_cpu_ms_per_call']:>20.3f}"
+        )
+    print("\nonline-feature part alone, per call (ms):")
+    for name, f in figures["feature part"].items():
+        print(
+            f"  {name:<44}"
+            + (f"p50 {f['p50_ms']:.4f}  p99 {f['p99_ms']:.4f}" if isinstance(f, dict) else f"{f}")
+        )
+    checks = [
+        (f"p99 at 1,000/s <= {TARGET_P99_MS} ms", figures["open 1000/s"]["p99_ms"] <= TARGET_P99_MS),
+        (f"single-entity >= {TARGET_SINGLE:,.0f}/s", figures["max single"]["calls_per_s"] >= TARGET_SINGLE),
+        (f"scored items >= {TARGET_ITEMS:,.0f}/s", figures["batch 100"]["items_per_s"] >= TARGET_ITEMS),
+    ]
+    print("\ntargets:")
+    for text, ok in checks:
+        print(f"  {text}: {'PASS' if ok else 'FAIL'}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0 if all(ok for _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

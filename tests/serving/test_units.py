@@ -1,0 +1,215 @@
+"""Pure parts of the service: the prediction-event encoder (byte-identical to the serde) and the limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from features.repository import FeatureRepository
+from models.examples.clickstream import specs
+from models.pipeline import ModelPipeline
+from models.spec import ModelSpec
+from serving.assemble import ColumnarAssembler
+from serving.events import PredictionBatch, PredictionEncoder, prediction_header
+from serving.limits import ClientRateLimits, InFlight, TokenBucket
+from serving.online_store import FeatureRow
+from serving.treecode import compile_trees
+from streams.serde import Serde
+
+COLUMNS = (
+    [f"user_activity:f{j}" for j in range(7)]
+    + [f"item_activity:g{j}" for j in range(5)]
+    + ["ctr:x", "position"]
+)
+GROUPS = [0] * 7 + [1] * 5 + [-1, -1]
+
+
+def batch(rng: np.random.Generator, n: int, **overrides: Any) -> PredictionBatch:
+    times = 1_700_000_000_000 - rng.integers(0, 10**9, size=(n, 2))
+    times[rng.random((n, 2)) < 0.3] = -1  # feature sets not found for some entities
+    if n > 2:
+        times[2, 0] = 5  # a one-byte varint
+    values = dict(
+        model_name="ctr",
+        model_version=3,
+        model_ref="ctr@production",
+        client_id="web",
+        trace_id=None,
+        event_time_ms=1_700_000_000_123,
+        latency_us=850,
+        shadow=False,
+        prediction_ids=[f"p{i}" for i in range(n)],
+        entity_keys=[f"u{i}|i{i}" for i in range(n)],
+        X=rng.normal(size=(n, len(COLUMNS))),
+        times=times,
+        defaulted=[
+            sorted(rng.choice(len(COLUMNS), int(rng.integers(0, 3)), replace=False).tolist())
+            for _ in range(n)
+        ],
+        scores=[float(rng.random()) if i % 4 else None for i in range(n)],
+        labels=["1" if i % 3 == 0 else None for i in range(n)],
+        ranked_items=[["a", "é"] if i % 2 else [] for i in range(n)],
+    )
+    values.update(overrides)
+    return PredictionBatch(**values)  # type: ignore[arg-type]
+
+
+def record(b: PredictionBatch, i: int) -> dict[str, Any]:
+    def event_time(j: int) -> int | None:
+        g = GROUPS[j]
+        return int(b.times[i, g]) if g >= 0 and b.times[i, g] >= 0 else None
+
+    return {
+        "prediction_id": b.prediction_ids[i],
+        "event_time": b.event_time_ms,
+        "model_name": b.model_name,
+        "model_version": b.versions[i] if b.versions else b.model_version,
+        "model_ref": b.model_ref,
+        "entity_key": b.entity_keys[i],
+        "client_id": b.client_id,
+        "features": [
+            {
+                "name": c,
+                "value": float(b.X[i, j]),
+                "event_time": event_time(j),
+                "defaulted": j in b.defaulted[i],
+            }
+            for j, c in enumerate(COLUMNS)
+        ],
+        "score": b.scores[i],
+        "label": b.labels[i],
+        "ranked_items": b.ranked_items[i],
+        "experiment_id": None,
+        "variant": None,
+        "propensity": None,
+        "latency_us": b.latency_us,
+        "shadow": b.shadow,
+        "trace_id": b.trace_id,
+    }
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100])
+@pytest.mark.parametrize("seed", range(5))
+def test_the_encoder_writes_the_bytes_the_serde_writes(serde: Serde, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    header = prediction_header(serde.writer_schema("prediction").fingerprint)
+    encoder = PredictionEncoder(header, COLUMNS, GROUPS)
+    b = batch(
+        rng,
+        n,
+        shadow=bool(seed % 2),
+        trace_id="t" if seed % 2 else None,
+        versions=[3 + i % 2 for i in range(n)] if seed == 3 else None,
+    )
+    encoded = encoder.encode(b)
+    for i in range(n):
+        assert encoded[i] == serde.encode("prediction", record(b, i)), i
+        assert serde.decode(encoded[i])[1]["prediction_id"] == b.prediction_ids[i]
+
+
+def test_an_encoder_without_features_writes_an_empty_array(serde: Serde) -> None:
+    header = prediction_header(serde.writer_schema("prediction").fingerprint)
+    b = batch(
+        np.random.default_rng(0),
+        3,
+        X=np.empty((3, 0)),
+        times=np.empty((0, 0), np.int64),
+        defaulted=[[], [], []],
+    )
+    (first, *_) = PredictionEncoder(header, [], []).encode(b)
+    assert serde.decode(first)[1]["features"] == []
+
+
+def test_token_bucket_allows_the_burst_then_the_rate() -> None:
+    bucket = TokenBucket(rate=10.0, burst=3, now=0.0)
+    assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.take(0.05) is False  # half a token
+    assert bucket.take(0.1) is True  # one token after 0.1 s at 10/s
+    assert (
+        bucket.take(100.0) and bucket.take(100.0) and bucket.take(100.0) and not bucket.take(100.0)
+    )  # capped
+
+
+def test_client_limits_are_per_client_and_bounded() -> None:
+    clock = [0.0]
+    limits = ClientRateLimits(1.0, 2, max_clients=4, clock=lambda: clock[0])
+    assert [limits.allow("a") for _ in range(3)] == [True, True, False]
+    assert limits.allow("b")
+    for i in range(10):
+        limits.allow(f"c{i}")
+    assert len(limits._buckets) <= 5
+    assert ClientRateLimits(0.0, 1).allow("anyone")  # 0: off
+
+
+def test_in_flight_refuses_past_its_limit() -> None:
+    flight = InFlight(2)
+    assert flight.enter() and flight.enter() and not flight.enter()
+    flight.leave()
+    assert flight.enter() and flight.count == 2
+
+
+def test_compiled_trees_score_exactly_as_the_pipeline(pipelines: list[ModelPipeline]) -> None:
+    rng = np.random.default_rng(11)
+    for pipeline in pipelines:
+        scorer = compile_trees(pipeline.estimator, pipeline.spec.task)
+        assert scorer is not None
+        matrix = rng.integers(0, 60, (300, len(pipeline.columns))).astype(float)
+        matrix[rng.random(matrix.shape) < 0.1] = np.nan  # missing values follow each node's missing direction
+        matrix[:5] = np.inf
+        expected = pipeline.scores(matrix)
+        assert [scorer(row) for row in matrix.tolist()] == expected.tolist()
+
+
+def test_the_columnar_assembly_equals_the_pipelines(repository: FeatureRepository) -> None:
+    refs = [
+        "user_activity:clicks_24h",
+        "user_activity:ctr_7d",
+        "item_activity:impressions_1h",
+        "item_activity:ctr_24h",
+    ]
+    spec = ModelSpec(
+        name="plain",
+        entity_keys=("user_id", "item_id"),
+        features=tuple(refs),
+        request_features=("position",),
+        label="clicked",
+        task="classification",
+        estimator="logistic_regression",
+        owner="tests",
+        defaults={"user_activity:ctr_7d": 0.25, "position": 2},
+    )
+    pipeline = ModelPipeline(spec, repository)
+    reads = [(fs, names) for fs, names in pipeline.reads.items()]
+    assembler = ColumnarAssembler.build(pipeline, reads)
+    assert assembler is not None
+    values = [None, 0, 3, 2.5, float("nan"), True]
+    rng = np.random.default_rng(3)
+    fetched = []
+    for _fs, names in reads:
+        got = []
+        for i in range(40):
+            found = i % 7 != 0
+            got.append(
+                FeatureRow(
+                    {n: values[int(rng.integers(0, len(values)))] if found else None for n in names},
+                    1 if found else None,
+                    1 if found else None,
+                    0 if found else None,
+                )
+            )
+        fetched.append(got)
+    rows = [
+        {"user_id": "u", "item_id": "i", **({"position": values[i % 6]} if i % 5 else {})} for i in range(40)
+    ]
+    full_rows = [dict(row) for row in rows]
+    for (fs, names), got in zip(reads, fetched, strict=True):
+        for row, feature_row in zip(full_rows, got, strict=True):
+            row.update({f"{fs}:{n}": feature_row.values[n] for n in names})
+    matrix, defaulted, indexes = assembler.assemble(fetched, rows)
+    want_matrix, want_defaulted = pipeline.assemble(full_rows)
+    assert np.array_equal(matrix, want_matrix) and defaulted == want_defaulted
+    assert indexes == [[pipeline.columns.index(c) for c in names] for names in want_defaulted]
+    with_transform = next(s for s in specs() if s.name == "ctr_model")
+    assert ColumnarAssembler.build(ModelPipeline(with_transform, repository), reads) is None  # per row, then
