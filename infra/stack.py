@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka.admin import AdminClient
 
+from headwater.errors import HeadwaterError
 from headwater.settings import Settings
 from infra.restore import restore_from_lake
 from infra.services import ServiceInfo, Services
@@ -24,7 +25,15 @@ from streams.kafka import client_config
 from streams.serde import Serde
 from streams.topics import TopicCatalog
 
-__all__ = ["PROCESSORS_READY", "Stack", "ensure_topics", "start_stack", "stop_services", "stop_stack"]
+__all__ = [
+    "PROCESSORS_READY",
+    "Stack",
+    "ensure_topics",
+    "serving_target",
+    "start_stack",
+    "stop_services",
+    "stop_stack",
+]
 
 log = logging.getLogger(__name__)
 
@@ -92,3 +101,16 @@ def stop_stack(settings: Settings) -> tuple[list[str], int | None]:
     info = broker.info()
     pid = info.pid if info is not None and broker.stop() else None
     return stopped, pid
+
+
+def serving_target(settings: Settings) -> str:
+    """``host:port`` of this stack's running prediction service (its port may have been picked free)."""
+    info = Services(settings).info("serving")
+    if info is None:
+        raise HeadwaterError("the prediction service is not running: start it with `headwater up`")
+    with open(info.log_file, "rb") as f:
+        lines = [line for line in f.read().decode(errors="replace").splitlines() if SERVING_READY in line]
+    if not lines:
+        raise HeadwaterError(f"the prediction service has not said it is ready yet (log {info.log_file})")
+    address = lines[-1].split(SERVING_READY, 1)[1].split()[0]
+    return address.removeprefix("grpc://").removeprefix("grpcs://")

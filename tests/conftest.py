@@ -39,7 +39,10 @@ def broker_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settin
     settings = load_settings(data_dir=data_dir)
     broker = EmbeddedBroker(settings)
     info = broker.start()  # raises with the broker's log if it will not start
-    yield load_settings(data_dir=data_dir, bootstrap_servers=info.bootstrap)
+    # Services started by tests pick free ports (never the defaults a developer's stack may use).
+    yield load_settings(
+        data_dir=data_dir, bootstrap_servers=info.bootstrap, serving={"port": 0, "metrics_port": 0}
+    )
     broker.stop()
 
 

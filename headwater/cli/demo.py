@@ -23,7 +23,7 @@ from rich.table import Table
 
 from batch.offline_store import open_offline_store
 from headwater.cli.common import console, serde_for, settings_of, step, to_json
-from headwater.cli.demo_ml import step_train
+from headwater.cli.demo_ml import step_serve, step_train
 from headwater.errors import HeadwaterError
 from headwater.sample_data import CAMPAIGNS, merged_events, retimed
 from headwater.sdk import FeatureStore
@@ -348,7 +348,7 @@ def step_history(
 
 
 def step_stop(settings: Settings, stack: Stack, keep_running: bool) -> None:
-    step(8, "Stop")
+    step(9, "Stop")
     if not stack.started:
         for name in [] if keep_running else stop_services(settings, stack.services_started):
             console.print(f"stopped {name}")
@@ -415,7 +415,8 @@ def demo(
         step_report(published, arrived)
         step_features(settings, events, published_at, timeout_s)
         step_history(settings, events, run_id, timeout_s)
-        step_train(settings, events, 7)
+        if step_train(settings, events, 7):
+            step_serve(settings, events, 8, timeout_s)
     finally:
         step_stop(settings, stack, keep_running)
     console.rule("[bold green]demo complete")

@@ -10,16 +10,22 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
 from rich.table import Table
 
 from batch.assets import materialize_days
-from headwater.cli.common import console, step
+from headwater.cli.common import console, serde_for, step
+from headwater.client import PredictionClient, PredictionError, PredictionResult
 from headwater.errors import HeadwaterError
 from headwater.settings import Settings
+from infra.stack import serving_target
 from models.spec import load_specs
 from registry import Registry
+from streams.consumer import EventConsumer
 
-__all__ = ["step_train"]
+__all__ = ["step_serve", "step_train"]
+
+MODEL = "ctr_model"  # the example spec the demo serves (models/examples/clickstream.py)
 
 
 def _day(ms: int) -> str:
@@ -91,3 +97,90 @@ def step_train(settings: Settings, events: list[tuple[str, dict[str, Any]]], n: 
             )
     console.print("inspect it with `headwater models list`, `headwater models lineage ctr_model`")
     return True
+
+
+def _first_answer(client: PredictionClient, entity: dict[str, Any], position: int, timeout_s: float) -> float:
+    """Seconds until the service answers for the model: it follows the registry, no restart."""
+    start = time.monotonic()
+    while True:
+        try:
+            client.predict(MODEL, [entity], request_features={"position": position}, client_id="demo")
+            return time.monotonic() - start
+        except PredictionError as exc:
+            if exc.code not in ("NOT_FOUND", "UNAVAILABLE") or time.monotonic() - start > timeout_s:
+                raise HeadwaterError(f"the prediction service did not serve {MODEL}: {exc}") from exc
+            time.sleep(0.2)
+
+
+def step_serve(
+    settings: Settings, events: list[tuple[str, dict[str, Any]]], n: int, timeout_s: float
+) -> None:
+    """Predictions over gRPC from the running service, and their events on the predictions topic."""
+    step(n, "Predictions over gRPC")
+    target = serving_target(settings)
+    shown = [r for topic, r in events if topic == "clicks" and r["action"] == "IMPRESSION"][-200:]
+    calls = [({"user_id": r["user_id"], "item_id": r["item_id"]}, int(r["position"])) for r in shown]
+    items = sorted({r["item_id"] for t, r in events if t == "clicks"}, key=int)
+    with PredictionClient(target) as client:
+        waited = _first_answer(client, calls[0][0], calls[0][1], timeout_s)
+        console.print(
+            f"the service at {target} picked {MODEL}@production up from the registry ({waited:.1f}s)"
+        )
+        latencies, results = [], []
+        for entity, position in calls:
+            start = time.perf_counter()
+            got = client.predict(MODEL, [entity], request_features={"position": position}, client_id="demo")
+            latencies.append((time.perf_counter() - start) * 1000)
+            results.append((entity, position, got[0]))
+        p50, p99 = np.percentile(latencies, [50, 99])
+        console.print(
+            f"{len(calls)} single-entity calls (50 online features each, then the model): "
+            f"p50 {p50:.2f} ms, p99 {p99:.2f} ms round trip from this process"
+        )
+        table = Table("user", "item", "slot", "P(click)", "version", "oldest feature", "defaulted")
+        for entity, position, r in results[-5:]:
+            table.add_row(
+                entity["user_id"][:8], entity["item_id"], str(position), f"{r.score:.4f}",
+                str(r.model_version), f"{(r.feature_age_ms or 0) / 1000:.0f}s",
+                str(len(r.defaulted_features)),
+            )  # fmt: skip
+        console.print(table)
+        user = calls[-1][0]["user_id"]
+        start = time.perf_counter()
+        ranked = client.predict(
+            MODEL, [{"user_id": user, "item_id": i} for i in items], request_features={"position": 1},
+            client_id="demo",
+        )  # fmt: skip
+        ms = (time.perf_counter() - start) * 1000
+    top = _ranking(ranked)
+    console.print(
+        f"one call scoring all {len(items)} items for user {user[:8]} in {ms:.1f} ms; "
+        f"the post stage ranks them: {', '.join(top)}"
+    )
+    logged = _count_predictions(settings, len(calls) + 1 + len(items), timeout_s)
+    console.print(
+        f"every decision is an event: {logged:,} prediction events on `predictions` (model version, "
+        "the features used with their event times), logged without the call waiting for Kafka"
+    )
+
+
+def _ranking(results: list[PredictionResult]) -> list[str]:
+    if results and results[0].ranked_items:
+        return results[0].ranked_items
+    return [r.prediction_id for r in sorted(results, key=lambda r: -(r.score or 0.0))][:10]
+
+
+def _count_predictions(settings: Settings, expected: int, timeout_s: float) -> int:
+    """Prediction events on the topic, read until ``expected`` arrived (the service sends them async)."""
+    seen = 0
+    deadline = time.monotonic() + timeout_s
+    with EventConsumer(settings, serde_for(settings), ["predictions"], name="demo-predictions") as consumer:
+        while seen < expected and time.monotonic() < deadline:
+            seen += sum(
+                1 for e in consumer.poll(max_records=5000, timeout_s=0.5) if e.record["model_name"] == MODEL
+            )
+    if seen < expected:
+        raise HeadwaterError(
+            f"only {seen:,} of {expected:,} prediction events arrived within {timeout_s:.0f}s"
+        )
+    return seen

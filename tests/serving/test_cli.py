@@ -1,19 +1,15 @@
-"""`headwater serve` in its own process, as `headwater up` starts it, and the SDK client against it."""
+"""`headwater serve` as `headwater up` starts it (in the background), found and called by the client."""
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
 
 from headwater.client import PredictionClient
-from headwater.processes import terminate
 from headwater.settings import Settings
 from infra.services import Services
+from infra.stack import serving_target
 from models.pipeline import ModelPipeline
 from models.spec import ModelSpec
 from serving.server import READY_LINE
@@ -26,7 +22,6 @@ from tests.serving.conftest import (
     seed_online_store,
     serving_settings,
 )
-from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -41,43 +36,16 @@ def test_headwater_serve_prints_a_ready_line_and_answers(
     settings = serving_settings(broker_settings, tmp_path)
     register(settings, ctr_spec, artifacts[0])
     seed_online_store(settings, feature_values(pipelines[0], 5), 1_700_000_000_000)
-    config = Services(settings).settings_file()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "headwater.cli",
-            "--config",
-            str(config),
-            "serve",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
-    reader.start()
+    services = Services(settings)  # as `headwater up` starts it: in the background, on free ports
+    info = services.start("serving", ["serve"], ready=READY_LINE, timeout_s=120)
     try:
-        wait_for(
-            lambda: any(READY_LINE in line for line in lines) or proc.poll() is not None, 60, "the ready line"
-        )
-        ready = next((line for line in lines if READY_LINE in line), None)
-        assert ready is not None, "".join(lines)
-        target = re.search(r"grpc://(\S+)", ready)
-        assert target is not None
-        assert any("ctr_model@production -> 1" in line for line in lines)
-        with PredictionClient(target.group(1)) as client:
+        target = serving_target(settings)
+        assert "ctr_model@production -> 1" in Path(info.log_file).read_text()
+        with PredictionClient(target) as client:
             (result,) = client.predict(
                 MODEL, {"user_id": USERS[0], "item_id": ITEMS[0]}, request_features={"position": 1}
             )
         assert result.model_version == 1 and result.score is not None
     finally:
-        terminate(proc.pid, "headwater.cli", 15.0)
-    proc.wait(15)
-    reader.join(5)
-    assert any("serving stopped" in line for line in lines), "".join(lines)
+        assert services.stop("serving")
+    assert services.info("serving") is None
