@@ -12,6 +12,7 @@ import importlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from features.engine import EntityState
 from features.repository import FeatureRepository
@@ -21,7 +22,7 @@ from processors.features import FeatureProcessor
 from processors.lake import LakeWriter
 from processors.lake_sink import LakeSink
 from processors.online_writer import OnlineStoreWriter
-from processors.runtime import StreamRunner
+from processors.runtime import Processor, StreamRunner
 from processors.state_store import StateStore, StoredStates
 from serving.online_store import open_online_store
 from streams.catalog import SchemaCatalog
@@ -48,29 +49,55 @@ def load_repository(settings: Settings) -> FeatureRepository:
     return repository
 
 
-def _runner_factories(
-    settings: Settings, serde: Serde, repository: FeatureRepository
-) -> dict[str, Callable[[], StreamRunner]]:
-    def feature_runner(name: str) -> Callable[[], StreamRunner]:
-        def build() -> StreamRunner:
+class Host(Protocol):
+    """What runs one processor: the native :class:`StreamRunner` or :class:`processors.faust.FaustHost`."""
+
+    processed: int
+
+    def run(self, stop: threading.Event, *, until_caught_up: bool = False) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class HostFactory(Protocol):
+    def __call__(
+        self, settings: Settings, serde: Serde, processor: Processor, *, state: StateStore | None = ...,
+        batch_size: int = ...,
+    ) -> Host: ...  # fmt: skip
+
+
+def build_hosts(
+    settings: Settings,
+    serde: Serde,
+    repository: FeatureRepository,
+    names: Sequence[str] | None = None,
+    host: HostFactory = StreamRunner,
+) -> dict[str, Host]:
+    """The named processors (all by default), each built into a ``host`` of the chosen engine."""
+
+    def features(name: str) -> Callable[[], Host]:
+        def build() -> Host:
             store = StateStore(settings.data_dir / "state" / f"features-{name}")
             processor = FeatureProcessor(repository.feature_set(name), StoredStates(store, EntityState))
-            return StreamRunner(settings, serde, processor, state=store)
+            return host(settings, serde, processor, state=store)
 
         return build
 
-    def writer() -> StreamRunner:
+    def writer() -> Host:
         ttls = {fs.name: fs.ttl_ms // 1000 for fs in repository.feature_sets}
-        return StreamRunner(settings, serde, OnlineStoreWriter(open_online_store(settings), ttls))
+        return host(settings, serde, OnlineStoreWriter(open_online_store(settings), ttls))
 
-    factories: dict[str, Callable[[], StreamRunner]] = {
-        f"features-{fs.name}": feature_runner(fs.name) for fs in repository.feature_sets
+    factories: dict[str, Callable[[], Host]] = {
+        f"features-{fs.name}": features(fs.name) for fs in repository.feature_sets
     }
     factories["online-store-writer"] = writer
-    factories["lake-sink"] = lambda: StreamRunner(
+    factories["lake-sink"] = lambda: host(
         settings, serde, LakeSink(LakeWriter(settings, serde.catalog)), batch_size=20_000
     )
-    return factories
+    unknown = [n for n in names or [] if n not in factories]
+    if unknown:
+        raise NotFoundError(f"unknown processor(s) {', '.join(unknown)}; known: {', '.join(factories)}")
+    return {name: factories[name]() for name in names or factories}
 
 
 def run_processors(
@@ -82,20 +109,16 @@ def run_processors(
     on_ready: Callable[[list[str]], None] | None = None,
 ) -> dict[str, int]:
     """Run the named processors (all by default) until ``stop``; returns events processed per name."""
+    host: HostFactory = StreamRunner
     if settings.processors.engine == "faust":  # the same processors hosted by Faust agents
-        from processors.faust import run_faust  # imported only when chosen: Faust and aiokafka are heavy
+        from processors.faust import FaustHost  # imported only when chosen: Faust and aiokafka are heavy
 
-        return run_faust(settings, names, stop, until_caught_up=until_caught_up, on_ready=on_ready)
+        host = FaustHost
     serde = Serde(SchemaCatalog.load(settings.schemas_dir))
-    repository = load_repository(settings)
-    factories = _runner_factories(settings, serde, repository)
-    unknown = [n for n in names or [] if n not in factories]
-    if unknown:
-        raise NotFoundError(f"unknown processor(s) {', '.join(unknown)}; known: {', '.join(factories)}")
-    runners = {name: factories[name]() for name in names or factories}
+    hosts = build_hosts(settings, serde, load_repository(settings), names, host)
     errors: dict[str, BaseException] = {}
 
-    def run(name: str, runner: StreamRunner) -> None:
+    def run(name: str, runner: Host) -> None:
         try:
             runner.run(stop, until_caught_up=until_caught_up)
         except BaseException as exc:  # one failing processor stops the worker, loudly
@@ -103,17 +126,17 @@ def run_processors(
             errors[name] = exc
             stop.set()
 
-    threads = [threading.Thread(target=run, args=item, name=item[0], daemon=True) for item in runners.items()]
+    threads = [threading.Thread(target=run, args=item, name=item[0], daemon=True) for item in hosts.items()]
     for thread in threads:
         thread.start()
-    log.info("processors running: %s", ", ".join(runners))
+    log.info("processors running on the %s engine: %s", settings.processors.engine, ", ".join(hosts))
     if on_ready is not None:
-        on_ready(list(runners))
+        on_ready(list(hosts))
     for thread in threads:
         thread.join()
-    for runner in runners.values():
+    for runner in hosts.values():
         runner.close()
     if errors:
         name, exc = next(iter(errors.items()))
         raise HeadwaterError(f"processor {name} failed: {exc}") from exc
-    return {name: runner.processed for name, runner in runners.items()}
+    return {name: runner.processed for name, runner in hosts.items()}

@@ -1,8 +1,8 @@
 """Faust as a selectable engine for the platform's pure processors (``settings.processors.engine``).
 
-Imported only when selected: ``processors.worker.run_processors`` dispatches here for "faust".
+Imported only when selected: `processors.worker` hosts the processors in :class:`FaustHost` for "faust".
 """
 
-from processors.faust.app import FaustHost, build_hosts, run_faust
+from processors.faust.app import FaustHost
 
-__all__ = ["FaustHost", "build_hosts", "run_faust"]
+__all__ = ["FaustHost"]

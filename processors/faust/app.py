@@ -47,25 +47,17 @@ from aiokafka.structs import TopicPartition
 from faust.transport.drivers import aiokafka as faust_kafka
 from faust.types import TP, EventT, Message
 
-from features.engine import EntityState
-from features.repository import FeatureRepository
-from headwater.errors import ConfigError, HeadwaterError, NotFoundError
+from headwater.errors import ConfigError, HeadwaterError
 from headwater.settings import Settings
-from processors.features import FeatureProcessor
-from processors.lake import LakeWriter
-from processors.lake_sink import LakeSink
-from processors.online_writer import OnlineStoreWriter
 from processors.runtime import Processor, _Aligner
-from processors.state_store import Position, StateStore, StoredStates
-from serving.online_store import open_online_store
+from processors.state_store import Position, StateStore
 from streams.broker import resolve_bootstrap
-from streams.catalog import SchemaCatalog
 from streams.consumer import Event, EventConsumer
 from streams.producer import EventProducer
 from streams.serde import DecodeError, Serde
 from streams.topics import TopicCatalog
 
-__all__ = ["FaustHost", "build_hosts", "run_faust"]
+__all__ = ["FaustHost"]
 
 log = logging.getLogger(__name__)
 
@@ -368,74 +360,3 @@ def _event(logical: str, event_type: str, msg: Message, record: dict[str, Any]) 
         logical, msg.partition, msg.offset, msg.key, event_type, record, headers,
         int(msg.timestamp * 1000), msg.value,
     )  # fmt: skip
-
-
-def build_hosts(
-    settings: Settings, serde: Serde, repository: FeatureRepository, names: Sequence[str] | None = None
-) -> dict[str, FaustHost]:
-    """The named processors (all by default), each in a :class:`FaustHost`, named as the native ones."""
-
-    def features(name: str) -> Callable[[], FaustHost]:
-        def build() -> FaustHost:
-            store = StateStore(settings.data_dir / "state" / f"features-{name}")
-            processor = FeatureProcessor(repository.feature_set(name), StoredStates(store, EntityState))
-            return FaustHost(settings, serde, processor, state=store)
-
-        return build
-
-    def writer() -> FaustHost:
-        ttls = {fs.name: fs.ttl_ms // 1000 for fs in repository.feature_sets}
-        return FaustHost(settings, serde, OnlineStoreWriter(open_online_store(settings), ttls))
-
-    def lake_sink() -> FaustHost:
-        return FaustHost(settings, serde, LakeSink(LakeWriter(settings, serde.catalog)), batch_size=20_000)
-
-    factories: dict[str, Callable[[], FaustHost]] = {
-        f"features-{fs.name}": features(fs.name) for fs in repository.feature_sets
-    }
-    factories["online-store-writer"] = writer
-    factories["lake-sink"] = lake_sink
-    unknown = [n for n in names or [] if n not in factories]
-    if unknown:
-        raise NotFoundError(f"unknown processor(s) {', '.join(unknown)}; known: {', '.join(factories)}")
-    return {name: factories[name]() for name in names or factories}
-
-
-def run_faust(
-    settings: Settings,
-    names: Sequence[str] | None,
-    stop: threading.Event,
-    *,
-    until_caught_up: bool = False,
-    on_ready: Callable[[list[str]], None] | None = None,
-) -> dict[str, int]:
-    """``run_processors`` on the Faust engine: each processor's app on its own thread and loop."""
-    from processors.worker import load_repository  # the worker imports this module lazily
-
-    hosts = build_hosts(
-        settings, Serde(SchemaCatalog.load(settings.schemas_dir)), load_repository(settings), names
-    )
-    errors: dict[str, BaseException] = {}
-
-    def run(name: str, host: FaustHost) -> None:
-        try:
-            host.run(stop, until_caught_up=until_caught_up)
-        except BaseException as exc:  # one failing processor stops the worker, loudly
-            log.exception("processor %s failed", name)
-            errors[name] = exc
-            stop.set()
-
-    threads = [threading.Thread(target=run, args=item, name=item[0], daemon=True) for item in hosts.items()]
-    for thread in threads:
-        thread.start()
-    log.info("processors running on Faust: %s", ", ".join(hosts))
-    if on_ready is not None:
-        on_ready(list(hosts))
-    for thread in threads:
-        thread.join()
-    for host in hosts.values():
-        host.close()
-    if errors:
-        name, exc = next(iter(errors.items()))
-        raise HeadwaterError(f"processor {name} failed: {exc}") from exc
-    return {name: host.processed for name, host in hosts.items()}

@@ -11,9 +11,9 @@ from typing import Any
 
 from features.engine import Aggregator
 from headwater.settings import ProcessorSettings, Settings
-from processors.faust import build_hosts
+from processors.faust import FaustHost
 from processors.state_store import StateStore
-from processors.worker import load_repository
+from processors.worker import build_hosts, load_repository
 from streams.consumer import EventConsumer
 from streams.producer import EventProducer
 from streams.serde import Serde
@@ -129,7 +129,7 @@ def test_faust_restart_resumes_from_the_stored_positions(
     repository = load_repository(faust)
     name = "features-user_activity"
 
-    first = build_hosts(faust, serde, repository, [name])[name]
+    first = build_hosts(faust, serde, repository, [name], FaustHost)[name]
     stop = threading.Event()
     thread = threading.Thread(target=first.run, args=(stop,), name="faust-first", daemon=True)
     thread.start()
@@ -148,7 +148,7 @@ def test_faust_restart_resumes_from_the_stored_positions(
     finally:
         store.close()
 
-    second = build_hosts(faust, serde, repository, [name])[name]
+    second = build_hosts(faust, serde, repository, [name], FaustHost)[name]
     try:
         second.run(threading.Event(), until_caught_up=True)
     finally:
