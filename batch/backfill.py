@@ -71,10 +71,11 @@ from features.predicates import sql_identifier, sql_literal
 from features.repository import FeatureRepository
 from features.sql import backfill_sql
 from headwater.errors import ConfigError, HeadwaterError
+from headwater.files import fsync_dir
 from headwater.settings import Settings
 from processors.lake.columns import event_columns
 from processors.lake.layout import DATE_PREFIX, FileName, date_of
-from processors.lake.writer import fsync_dir, write_parquet
+from processors.lake.writer import write_parquet
 from serving.online_store import open_online_store
 from streams.catalog import SchemaCatalog
 

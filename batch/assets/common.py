@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -41,6 +40,7 @@ from dagster import (
 
 from batch.assets.quality import Finding
 from headwater.errors import ConfigError, HeadwaterError
+from headwater.files import atomic_write
 from headwater.settings import Settings
 
 __all__ = [
@@ -149,17 +149,6 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
-
-
 class Warehouse:
     """Parquet and JSON files of the daily assets under ``settings.warehouse_dir``."""
 
@@ -171,7 +160,7 @@ class Warehouse:
         return folder / f"{key}{suffix}"
 
     def write(self, table: str, key: str, data: pa.Table, *, model: str = "") -> Path:
-        return _atomic_write(self.path(table, key, model=model), parquet_bytes(data))
+        return atomic_write(self.path(table, key, model=model), parquet_bytes(data))
 
     def read(self, table: str, key: str, *, model: str = "", needed_by: str = "") -> pa.Table:
         path = self.path(table, key, model=model)
@@ -184,7 +173,7 @@ class Warehouse:
 
     def write_json(self, table: str, key: str, data: Mapping[str, Any], *, model: str = "") -> Path:
         text = json.dumps(data, sort_keys=True, indent=1, default=str)
-        return _atomic_write(self.path(table, key, model=model, suffix=".json"), text.encode())
+        return atomic_write(self.path(table, key, model=model, suffix=".json"), text.encode())
 
     def read_json(self, table: str, key: str, *, model: str = "", needed_by: str = "") -> dict[str, Any]:
         path = self.path(table, key, model=model, suffix=".json")

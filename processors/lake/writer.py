@@ -34,13 +34,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from headwater.errors import HeadwaterError
+from headwater.files import atomic_write, fsync_dir
 from headwater.settings import Settings
 from processors.lake.columns import EventColumns, event_columns, feature_value_columns
 from processors.lake.layout import DATE_PREFIX, FileName, FilePlan, LakeRow, plan_files, superseded
 from streams.catalog import SchemaCatalog
 from streams.topics import TOPICS, TopicSpec
 
-__all__ = ["EPOCHS_FILE", "LakeWriter", "TopicLake", "fsync_dir", "topic_spec", "write_parquet"]
+__all__ = ["EPOCHS_FILE", "LakeWriter", "TopicLake", "topic_spec", "write_parquet"]
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +57,6 @@ def topic_spec(topic: str, prefix: str = "") -> TopicSpec:
     if spec is None:
         raise HeadwaterError(f"unknown topic {topic!r}; known: {', '.join(_SPECS)}")
     return spec
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -173,9 +166,7 @@ class LakeWriter:
             },
         }
         self.root.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(
-            self.root / EPOCHS_FILE, json.dumps({"epochs": [*epochs, epoch]}, indent=1).encode()
-        )
+        atomic_write(self.root / EPOCHS_FILE, json.dumps({"epochs": [*epochs, epoch]}, indent=1).encode())
         self._epoch_stamp = None
         log.info("lake epoch %d begins; offset bases %s", len(epochs) + 1, bases)
         return len(epochs) + 1
@@ -319,25 +310,8 @@ class LakeWriter:
 
 def write_parquet(directory: Path, name: FileName, table: pa.Table) -> Path:
     """Write a lake file durably: temporary name, fsync, rename into place, fsync the folder."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / name.name
-    tmp = directory / f".{name.name}.{os.getpid()}.tmp"
     # Dictionaries help strings and map keys; for floats they only slow reading down.
     dictionary = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
-    with open(tmp, "wb") as fh:
-        pq.write_table(table, fh, use_dictionary=dictionary)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(directory)
-    return path
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    return atomic_write(
+        directory / name.name, lambda fh: pq.write_table(table, fh, use_dictionary=dictionary)
+    )

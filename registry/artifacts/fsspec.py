@@ -9,14 +9,14 @@ half-written artifact; object stores (s3://, gs://, memory://) make a single PUT
 from __future__ import annotations
 
 import logging
-import os
-import uuid
+from pathlib import Path
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from headwater.errors import ConfigError, NotFoundError
+from headwater.files import atomic_write
 from registry.artifacts.base import ArtifactStore, content_path, sha256_of
 
 __all__ = ["FsspecArtifactStore"]
@@ -54,13 +54,7 @@ class FsspecArtifactStore(ArtifactStore):
             # Same address, same content (unless tampered with, which every get detects).
             return uri, sha256
         if self._local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic: readers see nothing or everything
+            atomic_write(Path(path), data)  # readers see nothing or everything
         else:
             self.fs.pipe_file(path, data)
         log.info("stored artifact %s (%d bytes)", uri, len(data))
