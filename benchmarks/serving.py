@@ -328,8 +328,18 @@ def feature_part(
                 store.get_batch("bench_item", [item], item_names),
             )
 
+        def request_values(batch: list[str]) -> object:  # what the server reads: no dicts
+            user, item = batch[0].split("|")
+            return (
+                store.get_values("bench_user", [user], user_names),
+                store.get_values("bench_item", [item], item_names),
+            )
+
         out["headwater 2 sets x 25 (a request's reads)"] = time_reads(
             request_reads, [[f"{u}|{i}"] for u, i in pairs], 100
+        )
+        out["headwater 2 sets x 25, get_values (server)"] = time_reads(
+            request_values, [[f"{u}|{i}"] for u, i in pairs], 100
         )
         features, rows = make_rows(N_USERS, 50)
         keys = [f"user-{i:06d}" for i in range(N_USERS)]
@@ -347,6 +357,9 @@ def feature_part(
         for case, lookups in spec["cases"].items():
             out[f"headwater lmdb {case}"] = time_reads(
                 lambda b: store.get_batch("bench_flat", b, features), lookups, 100
+            )
+            out[f"headwater lmdb {case} get_values"] = time_reads(
+                lambda b: store.get_values("bench_flat", b, features), lookups, 100
             )
     if feast:
         feast_dir = workdir / "feast"

@@ -112,12 +112,14 @@ class ModelPipeline:
         self._transforms = list(transforms.values())
         self.estimator: BaseEstimator | None = None
         self._scorer: Scorer | None = None
+        self._classes: list[str] = ["0", "1"]  # str() of the estimator's classes, once (post is per row)
         if estimator is not None:
             self._bind(estimator)
 
     def _bind(self, estimator: BaseEstimator) -> None:
         self.estimator = estimator
         self._scorer = compile_scorer(estimator, self.spec.task)
+        self._classes = [str(c) for c in getattr(estimator, "classes_", [0, 1])]
 
     # ---- pre --------------------------------------------------------------------------------
     def _prepare(self, row: Mapping[str, Any], missing: list[str]) -> Mapping[str, Any]:
@@ -225,10 +227,10 @@ class ModelPipeline:
             return str(int(score))
         if self.spec.task != "classification":
             return None
-        classes = list(getattr(self.estimator, "classes_", [0, 1]))
+        classes = self._classes
         if len(classes) != 2:
             return None
-        return str(classes[1] if score >= self.spec.post.threshold else classes[0])
+        return classes[1] if score >= self.spec.post.threshold else classes[0]
 
     def post(self, rows: Sequence[Mapping[str, Any]], scores: np.ndarray) -> list[Prediction]:
         """Per row: the score, the class (classification, clustering) and, for ``rank``, its group's items."""

@@ -3,46 +3,30 @@
 :meth:`models.pipeline.ModelPipeline.assemble` is the one definition of the feature vector
 (training and serving): per row, each column's value, or the spec's default when it is
 missing (None or NaN), with the names that fell back. It walks rows and columns in Python,
-~10 µs per 50-feature row, which caps a 100-entity call at ~1 ms before the model runs.
+~10 us per 50-feature row, which caps a 100-entity call at ~1 ms before the model runs.
 
-When no on-demand transform is involved, the same result can be computed per feature set
-at once: the online store returns each entity's values in the requested order, so a batch
-read becomes one ``np.array(..., float64)`` (the same conversion assemble's element
-assignment does), missing values become NaN, and the defaults are filled in one
+When no on-demand transform is involved, the same result can be computed at once: the
+online store's :meth:`~serving.online_store.OnlineStore.get_values` returns each entity's
+values in the requested order, so the values of a row are its reads' values one after the
+other, then its request fields; all rows become one ``np.array(..., float64)`` (the same
+conversion assemble's element assignment does: None becomes NaN, a bool 0/1, a string
+raises), columns are put in the pipeline's order, and the defaults are filled in one
 ``np.where``. :class:`ColumnarAssembler` does that; it is built only for pipelines where it
-is exactly equivalent (stored refs and request fields only), and
-tests/serving/test_units.py holds it equal to ``pipeline.assemble`` on rows with missing,
-NaN, boolean and integer values.
+is exactly equivalent (stored refs and request fields only), and tests/serving/test_units.py
+holds it equal to ``pipeline.assemble`` on rows with missing, NaN, boolean and integer values.
 """
 
 from __future__ import annotations
 
-import math
-import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from models.pipeline import ModelPipeline
-from serving.online_store import FeatureRow
+from serving.online_store import Value
 
 __all__ = ["ColumnarAssembler"]
-
-
-def _getter(names: Sequence[str]) -> Callable[[dict[str, Any]], Sequence[Any]]:
-    if len(names) == 1:
-        only = names[0]
-        return lambda values: (values[only],)
-    return operator.itemgetter(*names)
-
-
-def _floats(block: Sequence[Sequence[Any]]) -> np.ndarray:
-    """``block`` as float64, None as NaN; TypeError/ValueError for anything not a number."""
-    try:
-        return np.array(block, dtype=np.float64)
-    except TypeError:  # None among the values (a value missing in the store)
-        return np.array([[math.nan if v is None else v for v in row] for row in block], dtype=np.float64)
 
 
 class ColumnarAssembler:
@@ -51,11 +35,13 @@ class ColumnarAssembler:
     def __init__(self, pipeline: ModelPipeline, reads: Sequence[tuple[str, Sequence[str]]]) -> None:
         self.columns = list(pipeline.columns)
         index = {c: j for j, c in enumerate(self.columns)}
-        self.read_columns = [np.asarray([index[f"{fs}:{n}"] for n in names], np.intp) for fs, names in reads]
-        # Values by name, in the read's order, in C (a 1-tuple for a single name).
-        self.getters = [_getter(names) for _fs, names in reads]
-        stored = {f"{fs}:{n}" for fs, names in reads for n in names}
-        self.request_columns = [(j, c) for j, c in enumerate(self.columns) if c not in stored]
+        stored = [f"{fs}:{n}" for fs, names in reads for n in names]
+        self.request_fields = [c for c in self.columns if c not in set(stored)]
+        # Column of each value of a concatenated row (reads' values, then request fields).
+        order = [index[c] for c in (*stored, *self.request_fields)]
+        self.order: np.ndarray | None = (
+            None if order == list(range(len(order))) else np.asarray(order, np.intp)
+        )
         self.defaults = np.asarray(pipeline._defaults, dtype=np.float64)  # the pipeline's own defaults
 
     @staticmethod
@@ -73,15 +59,32 @@ class ColumnarAssembler:
         return ColumnarAssembler(pipeline, reads)
 
     def assemble(
-        self, fetched: Sequence[list[FeatureRow]], rows: Sequence[dict[str, Any]]
+        self, blocks: Sequence[Sequence[Sequence[Value]]], rows: Sequence[dict[str, Any]]
     ) -> tuple[np.ndarray, list[list[str]], list[list[int]]]:
-        """The matrix, the names that fell back per row, and their column indexes."""
+        """The matrix, the names that fell back per row, and their column indexes.
+
+        ``blocks[g][i]``: the values of entity ``i`` read by read ``g`` (in the read's order);
+        ``rows[i]``: its request fields. TypeError/ValueError for a value that is not a number.
+        """
         n = len(rows)
-        matrix = np.empty((n, len(self.columns)), dtype=np.float64)
-        for got, cols, get in zip(fetched, self.read_columns, self.getters, strict=True):
-            matrix[:, cols] = _floats([get(r.values) for r in got])
-        for j, name in self.request_columns:
-            matrix[:, j] = _floats([[row.get(name)] for row in rows])[:, 0] if n else []
+        if self.request_fields:
+            fields = self.request_fields
+            extra = [[row.get(name) for name in fields] for row in rows]
+            blocks = [*blocks, extra]
+        if len(blocks) == 1:
+            values = np.array(blocks[0], dtype=np.float64)
+        elif len(blocks) == 2:
+            values = np.array([[*a, *b] for a, b in zip(blocks[0], blocks[1], strict=True)], dtype=np.float64)
+        else:
+            values = np.array(
+                [[v for part in parts for v in part] for parts in zip(*blocks, strict=True)], np.float64
+            )
+        values = values.reshape(n, len(self.columns))
+        if self.order is None:
+            matrix = values
+        else:
+            matrix = np.empty_like(values)
+            matrix[:, self.order] = values
         missing = np.isnan(matrix)
         if not missing.any():
             return matrix, [[] for _ in range(n)], [[] for _ in range(n)]

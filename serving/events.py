@@ -11,7 +11,7 @@ except the values, their event times and the defaulted flags: :class:`Prediction
 precomputes that block's static bytes once per layout (which feature sets were found, and
 the varint length of their event times) and fills the variable bytes of all the entities of
 a request with a few numpy operations. The output is byte-identical to ``Serde.encode``
-(tests/serving/test_events.py holds it to that), so every consumer reads it as usual.
+(tests/serving/test_units.py holds it to that), so every consumer reads it as usual.
 """
 
 from __future__ import annotations

@@ -32,12 +32,12 @@ from features.repository import FeatureRepository
 from headwater.errors import HeadwaterError
 from headwater.settings import Settings
 from models.artifact import load_pipeline
+from models.fastpath import Scorer, compile_scorer
 from models.pipeline import ModelPipeline
 from registry.artifacts import ArtifactStore
 from registry.state import ModelVersion, RegistryState
 from serving.assemble import ColumnarAssembler
 from serving.events import PredictionEncoder, prediction_header
-from serving.treecode import RowScorer, compile_trees
 from streams.consumer import Event
 from streams.serde import Serde
 from streams.state import CompactedState
@@ -72,7 +72,7 @@ class LoadedModel:
     request_fields: tuple[str, ...]  # request features and on-demand transforms' request inputs
     encoder: PredictionEncoder
     columnar: ColumnarAssembler | None  # column-wise assemble, where it equals pipeline.assemble
-    row_scorer: RowScorer | None  # compiled trees for small requests, equal to pipeline.scores
+    scorer: Scorer  # models.fastpath's scorer of the estimator: equal to pipeline.scores
     bare_encoder: PredictionEncoder  # no features: predictions read precomputed, not computed
     precomputed_set: str | None  # "predictions__<model>" when the spec serves batch predictions
 
@@ -115,7 +115,10 @@ def build_loaded(
             column_groups[j] = -1
     header = prediction_header(serde.writer_schema("prediction").fingerprint)
     encoder = PredictionEncoder(header, pipeline.columns, column_groups)
-    pipeline.scores(np.zeros((1, len(pipeline.columns))))  # first call pays any lazy set-up, not a request
+    if pipeline.estimator is None:
+        raise HeadwaterError(f"model {mv.name}:{mv.version} holds no fitted estimator")
+    scorer = compile_scorer(pipeline.estimator, spec.task)
+    scorer(np.zeros((1, len(pipeline.columns))))  # first call pays any lazy set-up (compiling), not a request
     return LoadedModel(
         name=mv.name,
         version=mv.version,
@@ -126,7 +129,7 @@ def build_loaded(
         request_fields=tuple(request_fields),
         encoder=encoder,
         columnar=ColumnarAssembler.build(pipeline, [(r.feature_set, r.names) for r in reads]),
-        row_scorer=compile_trees(pipeline.estimator, spec.task),
+        scorer=scorer,
         bare_encoder=PredictionEncoder(header, [], []),
         precomputed_set=f"predictions__{spec.name}" if spec.serve_precomputed else None,
     )

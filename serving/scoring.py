@@ -1,7 +1,7 @@
 """One scoring pass: online features in one batch read per feature set, then the model pipeline.
 
 Synchronous and allocation-light on purpose: for a single entity the whole pass takes tens
-of microseconds (LMDB reads are ~µs, the compiled scorer of :mod:`models.fastpath` likewise),
+of microseconds (LMDB reads are ~µs, the compiled trees of :mod:`models.fastpath` likewise),
 far less than an executor hop costs, so the service runs it on the event loop for small
 requests. The same function serves shadow versions on their own thread.
 """
@@ -19,14 +19,12 @@ import numpy as np
 from models.pipeline import Prediction
 from serving.events import PredictionBatch
 from serving.metrics import ServingMetrics
-from serving.online_store import OnlineStore
-from serving.runtime import LoadedModel
+from serving.online_store import FeatureValues, OnlineStore, Value
+from serving.runtime import FeatureRead, LoadedModel
 
 __all__ = ["DeadlineExceeded", "Scored", "event_batch", "score_entities"]
 
 _NO_TIMES = np.empty((0, 0), np.int64)
-#: Up to this many rows, compiled trees (~6 µs a row) beat the vectorised scorers (measured).
-ROW_SCORER_MAX_ROWS = 64
 
 
 class DeadlineExceeded(Exception):  # noqa: N818 - a signal, mapped to DEADLINE_EXCEEDED by the service
@@ -89,48 +87,60 @@ def _live(
     deadline: float | None,
 ) -> Scored:
     n = len(keys)
-    times = np.full((n, len(model.reads)), -1, np.int64) if model.reads else _NO_TIMES
-    ages: list[int | None] = [None] * n
-    fetched = []
-    for g, read in enumerate(model.reads):
-        entity = read.entity_key
+    blocks: list[Sequence[Sequence[Value]]] = []
+    event_times: list[list[int | None]] = []
+    for read in model.reads:
         started = time.perf_counter()
-        got = store.get_batch(read.feature_set, [k[entity] for k in keys], read.names, now_ms=now_ms)
+        got = _read(store, read, [k[read.entity_key] for k in keys], now_ms)
         if metrics is not None:
             metrics.observe_fetch(read.feature_set, time.perf_counter() - started)
-        fetched.append(got)
-        for i, feature_row in enumerate(got):
-            if feature_row.event_time_ms is not None:
-                times[i, g] = feature_row.event_time_ms
-                age = feature_row.age_ms
-                if age is not None and (ages[i] is None or age > ages[i]):  # type: ignore[operator]
-                    ages[i] = age
+        blocks.append(got.values)
+        event_times.append(got.event_time_ms)
     if deadline is not None and time.monotonic() > deadline:
         raise DeadlineExceeded("after the feature reads")
     pipeline = model.pipeline
     try:
         if model.columnar is None:
             raise ValueError("per-row assembly")
-        matrix, defaulted, defaulted_columns = model.columnar.assemble(fetched, rows)
+        matrix, defaulted, defaulted_columns = model.columnar.assemble(blocks, rows)
     except (TypeError, ValueError):  # transforms, or a value that is not a number: assemble decides
-        for read, got in zip(model.reads, fetched, strict=True):
-            pairs = tuple(zip(read.refs, read.names, strict=True))
-            for feature_row, row in zip(got, rows, strict=True):
-                values = feature_row.values
-                for ref, name in pairs:
-                    row[ref] = values[name]
+        for read, block in zip(model.reads, blocks, strict=True):
+            refs = read.refs
+            for row, values in zip(rows, block, strict=True):
+                row.update(zip(refs, values, strict=True))
         matrix, defaulted = pipeline.assemble(rows)
         index = model.encoder.column_index
         defaulted_columns = [[index[c] for c in names if c in index] if names else [] for names in defaulted]
-    if model.row_scorer is not None and n <= ROW_SCORER_MAX_ROWS:
-        scorer = model.row_scorer
-        scores = np.fromiter((scorer(x) for x in matrix.tolist()), np.float64, n)
-    else:
-        scores = pipeline.scores(matrix)
-    predictions = pipeline.post(rows, scores)
+    predictions = pipeline.post(rows, model.scorer(matrix))
+    times, ages = _times(event_times, n, now_ms)
     return Scored(
         predictions, [model.version] * n, ages, defaulted, matrix, times, defaulted_columns, [False] * n
     )
+
+
+def _read(store: OnlineStore, read: FeatureRead, ids: list[str], now_ms: int) -> FeatureValues:
+    """One batch read; an entity named several times (a user with many items) is read once."""
+    if len(ids) > 1:
+        unique = dict.fromkeys(ids)
+        if len(unique) < len(ids):
+            got = store.get_values(read.feature_set, list(unique), read.names, now_ms=now_ms)
+            position = {key: i for i, key in enumerate(unique)}
+            at = [position[key] for key in ids]
+            values, event_times = got.values, got.event_time_ms
+            return FeatureValues([values[i] for i in at], [event_times[i] for i in at])
+    return store.get_values(read.feature_set, ids, read.names, now_ms=now_ms)
+
+
+def _times(event_times: list[list[int | None]], n: int, now_ms: int) -> tuple[np.ndarray, list[int | None]]:
+    """Event times per entity and read (-1: not found), and the age of each entity's oldest."""
+    if not event_times:
+        return _NO_TIMES, [None] * n
+    ages: list[int | None] = []
+    for per_read in zip(*event_times, strict=True):
+        found = [t for t in per_read if t is not None]
+        ages.append(now_ms - min(found) if found else None)
+    times = np.array([[-1 if t is None else t for t in ts] for ts in event_times], np.int64).T
+    return times, ages
 
 
 def _precomputed(

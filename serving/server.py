@@ -12,6 +12,7 @@ on a thread of its own (tests, notebooks). Everything comes from ``settings.serv
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 from dataclasses import dataclass
@@ -171,6 +172,11 @@ class PredictionServer:
             port = server.add_insecure_port(address)
         if port == 0:
             raise HeadwaterError(f"cannot listen on {address}: is the port taken? (settings.serving.port)")
+        # Everything loaded so far (libraries, models, descriptors) lives as long as the process:
+        # out of the cyclic collector's sight, a full collection no longer walks it, which
+        # otherwise stalls the event loop for milliseconds at a time (the latency tail).
+        gc.collect()
+        gc.freeze()
         await server.start()
         self._server = server
         metrics_port = self.metrics.serve_http(cfg.host, cfg.metrics_port)

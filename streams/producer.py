@@ -122,6 +122,28 @@ class EventProducer:
                 self._producer.poll(0.1)
         self._producer.poll(0)
 
+    def try_send_raw(
+        self,
+        topic_name: str,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
+        headers: list[tuple[str, str | bytes | None]] | None = None,
+    ) -> bool:
+        """:meth:`send_raw` that never waits: False when librdkafka's bounded queue is full
+        (the broker is away or slow), so the caller can count a drop and go on."""
+        try:
+            self._producer.produce(topic_name, value, key, headers=headers, on_delivery=self._on_delivery)
+        except BufferError:
+            return False
+        return True
+
+    def poll(self) -> int:
+        """Serve pending delivery reports without waiting (updates ``delivered``/``failed``);
+        a producer that sends with :meth:`try_send_raw` calls it from time to time."""
+        served: int = self._producer.poll(0)
+        return served
+
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until every queued record is delivered; raise if any failed or remain."""
         remaining = self._producer.flush(timeout_s)

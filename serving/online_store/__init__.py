@@ -6,6 +6,8 @@
         store.put_batch("user_activity", [("u1", 1_700_000_000_000, {"clicks_1h": 3})], ttl_s=86_400)
         row, = store.get_batch("user_activity", ["u1"], ["clicks_1h"])
         row.values, row.event_time_ms, row.age_ms
+        # The serving path: values in the requested order, no dicts.
+        store.get_values("user_activity", ["u1"], ["clicks_1h"]).values  # [[3]]
         # Many entities at once (backfills): an Arrow table of entity_key, event_time, features.
         store.put_columns("user_activity", table, ttl_s=86_400)
 
@@ -20,12 +22,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from headwater.errors import ConfigError
-from serving.online_store.base import FeatureRow, OnlineStore, OnlineStoreError, Row, Value
+from serving.online_store.base import FeatureRow, FeatureValues, OnlineStore, OnlineStoreError, Row, Value
 
 if TYPE_CHECKING:
     from headwater.settings import Settings
 
-__all__ = ["FeatureRow", "OnlineStore", "OnlineStoreError", "Row", "Value", "open_online_store"]
+__all__ = [
+    "FeatureRow",
+    "FeatureValues",
+    "OnlineStore",
+    "OnlineStoreError",
+    "Row",
+    "Value",
+    "open_online_store",
+]
 
 
 def open_online_store(settings: Settings) -> OnlineStore:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FeatureRow",
+    "FeatureValues",
     "OnlineStore",
     "OnlineStoreError",
     "Row",
@@ -77,6 +78,18 @@ class FeatureRow(NamedTuple):
     @property
     def found(self) -> bool:
         return self.event_time_ms is not None
+
+
+class FeatureValues(NamedTuple):
+    """What :meth:`OnlineStore.get_values` returns: :meth:`~OnlineStore.get_batch`'s rows, column-ready.
+
+    ``values[i]`` holds entity ``i``'s requested features in the requested order (None where
+    missing; all None for a missing or expired entity), ``event_time_ms[i]`` its event time
+    (None: missing or expired). Treat both as read-only: a backend may hand out shared objects.
+    """
+
+    values: list[Sequence[Value]]
+    event_time_ms: list[int | None]
 
 
 class OnlineStore(ABC):
@@ -141,6 +154,24 @@ class OnlineStore(ABC):
 
         Records expired at ``now_ms`` (default: now) read as missing.
         """
+
+    def get_values(
+        self,
+        feature_set: str,
+        entity_keys: Sequence[str],
+        features: Sequence[str],
+        *,
+        now_ms: int | None = None,
+    ) -> FeatureValues:
+        """:meth:`get_batch` as value sequences instead of dicts: the serving path, which puts
+        them straight into a feature matrix. Same semantics; backends override it to skip the
+        dicts (this default builds them from ``get_batch``)."""
+        rows = self.get_batch(feature_set, entity_keys, features, now_ms=now_ms)
+        names = tuple(features)
+        return FeatureValues(
+            [tuple(row.values[name] for name in names) for row in rows],
+            [row.event_time_ms for row in rows],
+        )
 
     @abstractmethod
     def close(self) -> None:

@@ -22,7 +22,15 @@ from typing import NamedTuple
 
 import msgpack
 
-from serving.online_store.base import FeatureRow, OnlineStoreError, Row, Value, check_feature_set, epoch_ms
+from serving.online_store.base import (
+    FeatureRow,
+    FeatureValues,
+    OnlineStoreError,
+    Row,
+    Value,
+    check_feature_set,
+    epoch_ms,
+)
 
 __all__ = [
     "HEADER",
@@ -43,6 +51,8 @@ _CACHE_LIMIT = 4096
 Buffer = bytes | bytearray | memoryview
 SchemaLoader = Callable[[int], Buffer | None]
 _Projection = Callable[[list[Value]], dict[str, Value]]
+_Picker = Callable[[list[Value]], Sequence[Value]]
+_UNKNOWN = object()
 
 _SCALAR_TYPES = frozenset({type(None), bool, int, float, str})
 _STR_TYPE = frozenset({str})
@@ -87,6 +97,9 @@ class RecordCodec:
         self._ids: dict[tuple[str, ...], tuple[int, bytes]] = {}
         self._names: dict[int, tuple[str, ...]] = {}
         self._projections: dict[tuple[int, tuple[str, ...]], _Projection] = {}
+        self._pickers: dict[tuple[int, tuple[str, ...]], _Picker | None] = {}
+        # Per requested feature list: its picker per schema id, and the values of a missing row.
+        self._plans: dict[tuple[str, ...], tuple[dict[int, _Picker | None], tuple[None, ...]]] = {}
 
     def encode(
         self, feature_set: str, rows: Iterable[Row], ttl_s: float | None, write_time_ms: int | None
@@ -186,11 +199,52 @@ class RecordCodec:
             append(FeatureRow(project(_unpackb(record[32:])), event_time, write_time, now - event_time))
         return rows
 
-    def _projection(self, schema_id: int, feats: tuple[str, ...], load_schema: SchemaLoader) -> _Projection:
-        """A function from a record's value array to the requested {feature: value}."""
-        cached = self._projections.get((schema_id, feats))
-        if cached is not None:
-            return cached
+    def decode_values(
+        self,
+        records: Iterable[Buffer | None],
+        features: Sequence[str],
+        now: int,
+        load_schema: SchemaLoader,
+    ) -> FeatureValues:
+        """:meth:`decode` without the dicts: per record the values in ``features`` order.
+
+        When the record's schema is the requested list (the common case: a model reads a
+        feature set's features in their declared order), the decoded msgpack array is
+        returned as it is.
+        """
+        feats = features if type(features) is tuple else tuple(features)
+        plan = self._plans.get(feats)
+        if plan is None:
+            if len(self._plans) >= _CACHE_LIMIT:
+                self._plans.clear()
+            plan = self._plans[feats] = ({}, (None,) * len(feats))
+        pickers, missing = plan
+        values: list[Sequence[Value]] = []
+        times: list[int | None] = []
+        add_values, add_time = values.append, times.append
+        for record in records:
+            if record is None:
+                add_values(missing)
+                add_time(None)
+                continue
+            event_time, _write_time, expires_at, schema_id = _unpack_header(record)
+            if expires_at and now >= expires_at:
+                add_values(missing)
+                add_time(None)
+                continue
+            pick = pickers.get(schema_id, _UNKNOWN)
+            if pick is _UNKNOWN:
+                pick = pickers[schema_id] = self._picker(schema_id, feats, load_schema)
+            decoded: list[Value] = _unpackb(record[32:])
+            add_values(decoded if pick is None else pick(decoded))  # type: ignore[operator]
+            add_time(event_time)
+        return FeatureValues(values, times)
+
+    def _positions(
+        self, schema_id: int, feats: tuple[str, ...], load_schema: SchemaLoader
+    ) -> list[int] | None:
+        """Where each requested feature sits in a record of ``schema_id`` (``len(names)``: absent,
+        read as None); None when the record holds exactly ``feats`` in that order."""
         names = self._names.get(schema_id)
         if names is None:
             encoded = load_schema(schema_id)
@@ -200,35 +254,62 @@ class RecordCodec:
                     "it was written by a foreign or interrupted writer; rewrite the feature set"
                 )
             names = self._names[schema_id] = tuple(_unpackb(encoded))
-
-        project: _Projection
         if names == feats:
+            return None
+        position = {name: i for i, name in enumerate(names)}
+        return [position.get(feature, len(names)) for feature in feats]
+
+    def _picker(self, schema_id: int, feats: tuple[str, ...], load_schema: SchemaLoader) -> _Picker | None:
+        """A function from a record's value array to the requested values; None: the array itself."""
+        key = (schema_id, feats)
+        if key in self._pickers:
+            return self._pickers[key]
+        indexes = self._positions(schema_id, feats, load_schema)
+        pick: _Picker | None
+        if indexes is None:
+            pick = None
+        elif len(indexes) == 1:
+            only = indexes[0]
+
+            def pick(values: list[Value]) -> Sequence[Value]:
+                values.append(None)  # what an absent feature's position points at
+                return (values[only],)
+
+        elif not indexes:
+
+            def pick(values: list[Value]) -> Sequence[Value]:
+                return ()
+
+        else:
+            get = operator.itemgetter(*indexes)
+
+            def pick(values: list[Value]) -> Sequence[Value]:
+                values.append(None)
+                picked: Sequence[Value] = get(values)
+                return picked
+
+        if len(self._pickers) >= _CACHE_LIMIT:
+            self._pickers.clear()
+        self._pickers[key] = pick
+        return pick
+
+    def _projection(self, schema_id: int, feats: tuple[str, ...], load_schema: SchemaLoader) -> _Projection:
+        """A function from a record's value array to the requested {feature: value}."""
+        cached = self._projections.get((schema_id, feats))
+        if cached is not None:
+            return cached
+        pick = self._picker(schema_id, feats, load_schema)
+        project: _Projection
+        if pick is None:
 
             def project(values: list[Value]) -> dict[str, Value]:
                 return dict(zip(feats, values, strict=True))
 
         else:
-            # Requested features the record lacks point at a None appended to the values.
-            position = {name: i for i, name in enumerate(names)}
-            indexes = [position.get(feature, len(names)) for feature in feats]
-            if len(indexes) == 1:
-                only, (feature,) = indexes[0], feats
+            picker = pick
 
-                def project(values: list[Value]) -> dict[str, Value]:
-                    values.append(None)
-                    return {feature: values[only]}
-
-            elif not indexes:
-
-                def project(values: list[Value]) -> dict[str, Value]:
-                    return {}
-
-            else:
-                pick = operator.itemgetter(*indexes)
-
-                def project(values: list[Value]) -> dict[str, Value]:
-                    values.append(None)
-                    return dict(zip(feats, pick(values), strict=True))
+            def project(values: list[Value]) -> dict[str, Value]:
+                return dict(zip(feats, picker(values), strict=True))
 
         if len(self._projections) >= _CACHE_LIMIT:
             self._projections.clear()

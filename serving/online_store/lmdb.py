@@ -26,6 +26,7 @@ import lmdb
 
 from serving.online_store.base import (
     FeatureRow,
+    FeatureValues,
     OnlineStore,
     OnlineStoreError,
     Row,
@@ -103,6 +104,7 @@ class LmdbOnlineStore(OnlineStore):
         self._map_size_mb = map_size_mb
         self._env: lmdb.Environment | None = _acquire_env(path, map_size_mb * 1024 * 1024)
         self._codec = RecordCodec()
+        self._prefixes: dict[str, bytes] = {}
 
     def _live_env(self) -> lmdb.Environment:
         if self._env is None:
@@ -227,6 +229,37 @@ class LmdbOnlineStore(OnlineStore):
                 get = txn.get
                 return self._codec.decode(
                     (get(prefix + key.encode()) for key in entity_keys),
+                    features,
+                    now,
+                    lambda schema_id: get(_schema_key(schema_id)),
+                )
+        except lmdb.BadValsizeError as exc:
+            raise OnlineStoreError(
+                f"{feature_set}: an entity key is longer than LMDB's {MAX_KEY_BYTES}-byte limit"
+            ) from exc
+        except lmdb.Error as exc:
+            raise OnlineStoreError(f"LMDB read from {self.path} failed: {exc}") from exc
+
+    def get_values(
+        self,
+        feature_set: str,
+        entity_keys: Sequence[str],
+        features: Sequence[str],
+        *,
+        now_ms: int | None = None,
+    ) -> FeatureValues:
+        env = self._live_env()
+        now = epoch_ms() if now_ms is None else now_ms
+        prefix = self._prefixes.get(feature_set)
+        if prefix is None:  # validated once per feature set: this is the serving path
+            prefix = check_feature_set(feature_set).encode() + b"\0"
+            if len(self._prefixes) < 4096:
+                self._prefixes[feature_set] = prefix
+        try:
+            with env.begin(buffers=True) as txn:
+                get = txn.get
+                return self._codec.decode_values(
+                    [get(prefix + key.encode()) for key in entity_keys],
                     features,
                     now,
                     lambda schema_id: get(_schema_key(schema_id)),

@@ -23,6 +23,7 @@ import redis
 
 from serving.online_store.base import (
     FeatureRow,
+    FeatureValues,
     OnlineStore,
     OnlineStoreError,
     Row,
@@ -162,6 +163,24 @@ class RedisOnlineStore(OnlineStore):
         except redis.RedisError as exc:
             raise self._failed(f"reading {feature_set}", exc) from exc
         return self._codec.decode(records, features, now, self._load_schema)
+
+    def get_values(
+        self,
+        feature_set: str,
+        entity_keys: Sequence[str],
+        features: Sequence[str],
+        *,
+        now_ms: int | None = None,
+    ) -> FeatureValues:
+        now = epoch_ms() if now_ms is None else now_ms
+        if not entity_keys:
+            return FeatureValues([], [])
+        prefix = self._key_prefix_for(feature_set)
+        try:
+            records: list[bytes | None] = self._client.mget([prefix + key.encode() for key in entity_keys])
+        except redis.RedisError as exc:
+            raise self._failed(f"reading {feature_set}", exc) from exc
+        return self._codec.decode_values(records, features, now, self._load_schema)
 
     def _load_schema(self, schema_id: int) -> bytes | None:
         # Once per schema per process: the codec caches what it gets.

@@ -87,6 +87,31 @@ def test_missing_entities_features_and_feature_sets(store: OnlineStore, fs: str)
     assert not _only(store.get_batch(fs + "_other", ["u1"], ["a"], now_ms=T0 + 1)).found
 
 
+def test_get_values_reads_what_get_batch_reads(store: OnlineStore, fs: str) -> None:
+    base = epoch_ms()
+    store.put_batch(fs, [("all", base - 5, VALUES), ("other", base - 7, {"big": 1, "clicks_1h": 2})])
+    store.put_batch(fs, [("expired", base - 2_000, {"clicks_1h": 9})], ttl_s=1)
+    keys = ["all", "nobody", "other", "expired", "all"]
+    requests = [
+        list(VALUES),  # the stored order: the backend may hand out its decoded array
+        ["big", "clicks_1h"],  # another order, a subset
+        ["clicks_1h", "unknown"],  # a feature no record has
+        ["ctr_24h"],
+        [],
+    ]
+    for features in requests:
+        rows = store.get_batch(fs, keys, features, now_ms=base)
+        expected = ([tuple(r.values[f] for f in features) for r in rows], [r.event_time_ms for r in rows])
+        got = store.get_values(fs, keys, features, now_ms=base)
+        assert ([tuple(v) for v in got.values], got.event_time_ms) == expected, features
+        # The interface's default (built on get_batch) agrees with the backend's own.
+        default = OnlineStore.get_values(store, fs, keys, features, now_ms=base)
+        assert ([tuple(v) for v in default.values], default.event_time_ms) == expected, features
+    values = store.get_values(fs, ["all"], list(VALUES), now_ms=base).values[0]
+    assert [type(v) for v in values] == [type(v) for v in VALUES.values()]
+    assert store.get_values(fs, [], ["big"], now_ms=base) == ([], [])
+
+
 def test_newer_wins_over_out_of_order_and_duplicated_updates(store: OnlineStore, fs: str) -> None:
     assert store.put_batch(fs, [("u", T0 + 100, {"v": "t100"})], write_time_ms=1) == 1
     assert store.put_batch(fs, [("u", T0 + 50, {"v": "late t50"})], write_time_ms=2) == 0  # late event

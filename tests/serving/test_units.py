@@ -9,13 +9,12 @@ import pytest
 
 from features.repository import FeatureRepository
 from models.examples.clickstream import specs
+from models.fastpath import compile_scorer
 from models.pipeline import ModelPipeline
 from models.spec import ModelSpec
 from serving.assemble import ColumnarAssembler
 from serving.events import PredictionBatch, PredictionEncoder, prediction_header
 from serving.limits import ClientRateLimits, InFlight, TokenBucket
-from serving.online_store import FeatureRow
-from serving.treecode import compile_trees
 from streams.serde import Serde
 
 COLUMNS = (
@@ -150,23 +149,25 @@ def test_in_flight_refuses_past_its_limit() -> None:
     assert flight.enter() and flight.count == 2
 
 
-def test_compiled_trees_score_exactly_as_the_pipeline(pipelines: list[ModelPipeline]) -> None:
+def test_the_serving_scorer_scores_exactly_as_the_pipeline(pipelines: list[ModelPipeline]) -> None:
     rng = np.random.default_rng(11)
     for pipeline in pipelines:
-        scorer = compile_trees(pipeline.estimator, pipeline.spec.task)
-        assert scorer is not None
+        assert pipeline.estimator is not None
+        scorer = compile_scorer(pipeline.estimator, pipeline.spec.task)
         matrix = rng.integers(0, 60, (300, len(pipeline.columns))).astype(float)
         matrix[rng.random(matrix.shape) < 0.1] = np.nan  # missing values follow each node's missing direction
         matrix[:5] = np.inf
         expected = pipeline.scores(matrix)
-        assert [scorer(row) for row in matrix.tolist()] == expected.tolist()
+        assert [scorer.one(row) for row in matrix.tolist()] == expected.tolist()
+        for n in (1, 3, 40, 300):  # compiled rows for few, scikit-learn's tree walk for many
+            assert scorer(matrix[:n]).tolist() == expected[:n].tolist()
 
 
 def test_the_columnar_assembly_equals_the_pipelines(repository: FeatureRepository) -> None:
-    refs = [
+    refs = [  # interleaved: the reads (one per feature set) come back in another order
         "user_activity:clicks_24h",
-        "user_activity:ctr_7d",
         "item_activity:impressions_1h",
+        "user_activity:ctr_7d",
         "item_activity:ctr_24h",
     ]
     spec = ModelSpec(
@@ -186,30 +187,24 @@ def test_the_columnar_assembly_equals_the_pipelines(repository: FeatureRepositor
     assert assembler is not None
     values = [None, 0, 3, 2.5, float("nan"), True]
     rng = np.random.default_rng(3)
-    fetched = []
+    blocks = []
     for _fs, names in reads:
-        got = []
-        for i in range(40):
-            found = i % 7 != 0
-            got.append(
-                FeatureRow(
-                    {n: values[int(rng.integers(0, len(values)))] if found else None for n in names},
-                    1 if found else None,
-                    1 if found else None,
-                    0 if found else None,
-                )
-            )
-        fetched.append(got)
+        blocks.append(
+            [[values[int(rng.integers(0, len(values)))] if i % 7 else None for _ in names] for i in range(40)]
+        )
     rows = [
         {"user_id": "u", "item_id": "i", **({"position": values[i % 6]} if i % 5 else {})} for i in range(40)
     ]
     full_rows = [dict(row) for row in rows]
-    for (fs, names), got in zip(reads, fetched, strict=True):
-        for row, feature_row in zip(full_rows, got, strict=True):
-            row.update({f"{fs}:{n}": feature_row.values[n] for n in names})
-    matrix, defaulted, indexes = assembler.assemble(fetched, rows)
+    for (fs, names), block in zip(reads, blocks, strict=True):
+        for row, got in zip(full_rows, block, strict=True):
+            row.update({f"{fs}:{n}": v for n, v in zip(names, got, strict=True)})
+    matrix, defaulted, indexes = assembler.assemble(blocks, rows)
     want_matrix, want_defaulted = pipeline.assemble(full_rows)
     assert np.array_equal(matrix, want_matrix) and defaulted == want_defaulted
     assert indexes == [[pipeline.columns.index(c) for c in names] for names in want_defaulted]
+    for i in range(7):  # one entity at a time, as most calls are
+        one, one_defaulted, _ = assembler.assemble([block[i : i + 1] for block in blocks], rows[i : i + 1])
+        assert np.array_equal(one, want_matrix[i : i + 1]) and one_defaulted == want_defaulted[i : i + 1]
     with_transform = next(s for s in specs() if s.name == "ctr_model")
     assert ColumnarAssembler.build(ModelPipeline(with_transform, repository), reads) is None  # per row, then

@@ -1,0 +1,118 @@
+"""models.fastpath: every scorer equals scikit-learn's predict_proba / predict, bit for bit,
+at every batch size (compiled rows for few rows, scikit-learn's tree walk for many)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from models import fastpath
+from models.fastpath import compile_scorer, reference_scores
+
+SIZES = [1, 2, 7, 30, 31, 60, 61, 200, 2_000]  # both sides of the crossover (half the tree count)
+
+
+def data(seed: int, n: int = 3_000, width: int = 12) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, width)) * 10
+    x[rng.random(x.shape) < 0.05] = np.nan  # trained with missing values: nodes learn a direction
+    signal = np.nan_to_num(x[:, 0]) + np.nan_to_num(x[:, 3]) * 0.5 + rng.normal(0, 5, n)
+    return x, (signal > 0).astype(int), signal
+
+
+def probes(seed: int, width: int = 12) -> np.ndarray:
+    rng = np.random.default_rng(seed + 100)
+    x = rng.normal(size=(2_000, width)) * 12
+    x[rng.random(x.shape) < 0.1] = np.nan
+    x[:3] = np.inf
+    x[3:6] = -np.inf
+    x[6, :] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gradient_boosting_scores_equal_scikit_learn_at_every_size(seed: int) -> None:
+    x, y, target = data(seed)
+    models = [
+        (
+            HistGradientBoostingClassifier(max_iter=60, random_state=seed, early_stopping=False).fit(x, y),
+            "classification",
+        ),
+        (
+            HistGradientBoostingRegressor(max_iter=60, random_state=seed, early_stopping=False).fit(
+                x, target
+            ),
+            "regression",
+        ),
+    ]
+    test = probes(seed)
+    for model, task in models:
+        scorer = compile_scorer(model, task)
+        expected = reference_scores(model, task, test)
+        for n in SIZES:
+            assert scorer(test[:n]).tolist() == expected[:n].tolist(), (task, n)
+        assert [scorer.one(row) for row in test[:300].tolist()] == expected[:300].tolist()
+
+
+def test_both_tree_paths_are_taken_and_agree() -> None:
+    x, y, _ = data(3)
+    model = HistGradientBoostingClassifier(max_iter=40, random_state=0, early_stopping=False).fit(x, y)
+    scorer = compile_scorer(model, "classification")
+    assert isinstance(scorer, fastpath._Trees)
+    test = probes(3)[:100]
+    compiled = scorer._rows()
+    assert compiled is not None
+    walked = scorer._raw_walk(test)
+    rows = np.array([compiled(row) for row in test.tolist()])
+    assert walked.tolist() == rows.tolist()
+    assert walked.tolist() == model._raw_predict(test)[:, 0].tolist()
+
+
+def test_trees_too_deep_to_compile_are_walked(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y, _ = data(4)
+    model = HistGradientBoostingClassifier(max_iter=20, random_state=0, early_stopping=False).fit(x, y)
+    monkeypatch.setattr(fastpath, "_MAX_COMPILED_DEPTH", 1)
+    scorer = compile_scorer(model, "classification")
+    test = probes(4)[:20]
+    assert scorer._rows() is None  # type: ignore[attr-defined]
+    assert scorer(test).tolist() == reference_scores(model, "classification", test).tolist()
+    assert scorer.one(test[0].tolist()) == reference_scores(model, "classification", test[:1])[0]
+
+
+def test_what_is_not_compiled_falls_back_to_the_estimator() -> None:
+    x, y, _ = data(5)
+    x = np.nan_to_num(x)
+    multiclass = HistGradientBoostingClassifier(max_iter=10, random_state=0).fit(x, y + (x[:, 1] > 5))
+    categorical = HistGradientBoostingClassifier(max_iter=10, categorical_features=[2], random_state=0).fit(
+        np.column_stack([x[:, :2], (np.abs(x[:, 2]) % 5).astype(int), x[:, 3:]]), y
+    )
+    for model in (multiclass, categorical):
+        scorer = compile_scorer(model, "classification")
+        assert not isinstance(scorer, fastpath._Trees)
+        test = np.column_stack([x[:50, :2], (np.abs(x[:50, 2]) % 5).astype(int), x[:50, 3:]])
+        assert scorer(test).tolist() == reference_scores(model, "classification", test).tolist()
+    small = HistGradientBoostingClassifier(max_iter=5, random_state=0).fit(x, y)
+    ints = np.rint(x[:10]).astype(np.int64)  # not float64: the estimator converts it
+    assert compile_scorer(small, "classification")(ints).tolist() == (
+        reference_scores(small, "classification", ints).tolist()
+    )
+
+
+def test_linear_models_equal_scikit_learn_to_rounding() -> None:
+    # Same operations, but BLAS may order a dot product's sums differently (as in test_estimators).
+    x, y, target = data(6)
+    x = np.nan_to_num(x)
+    cases = [
+        (make_pipeline(StandardScaler(), LogisticRegression()).fit(x, y), "classification"),
+        (LogisticRegression().fit(x, y), "classification"),
+        (make_pipeline(StandardScaler(), LinearRegression()).fit(x, target), "regression"),
+    ]
+    for model, task in cases:
+        scorer = compile_scorer(model, task)
+        expected = reference_scores(model, task, x[:100])
+        np.testing.assert_allclose(scorer(x[:100]), expected, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(scorer.one(x[0].tolist()), expected[0], rtol=1e-12, atol=1e-15)
