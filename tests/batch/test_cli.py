@@ -67,11 +67,11 @@ def free_port() -> int:
 
 @pytest.fixture()
 def webserver(batch_settings: Settings, tmp_path: Path) -> Iterator[str]:
-    """``dagster-webserver -m batch.definitions`` on a free port; stopped by its process group."""
+    """``dagster dev -m batch.definitions`` (web server and daemon) on a free port; stopped by its group."""
     port = free_port()
     log = open(tmp_path / "webserver.log", "w")  # noqa: SIM115 - closed below, after the process
     proc = subprocess.Popen(
-        [str(BIN / "dagster-webserver"), "-m", "batch.definitions", "-h", "127.0.0.1", "-p", str(port)],
+        [str(BIN / "dagster"), "dev", "-m", "batch.definitions", "-h", "127.0.0.1", "-p", str(port)],
         cwd=ROOT, env=code_location_env(batch_settings, tmp_path), stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
@@ -99,7 +99,7 @@ def graphql(url: str, query: str) -> dict[str, object] | None:
         return None
 
 
-def test_the_web_server_loads_the_definitions(webserver: str) -> None:
+def test_dagster_dev_loads_the_definitions(webserver: str) -> None:
     query = "{ assetNodes { assetKey { path } } }"
     wait_for(lambda: bool((graphql(webserver, query) or {}).get("assetNodes")), 90, "the Dagster web server")
     data = graphql(webserver, query)
