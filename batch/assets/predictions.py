@@ -42,7 +42,7 @@ from headwater.errors import HeadwaterError
 from headwater.sdk import FeatureStore
 from headwater.settings import Settings
 from models.artifact import load_pipeline
-from models.pipeline import ModelPipeline, rank_items, records
+from models.pipeline import ModelPipeline, rank_frame
 from models.spec import ModelSpec
 from registry import Registry
 from serving.online_store import open_online_store
@@ -110,24 +110,18 @@ def score_entities(spec: ModelSpec, pipeline: ModelPipeline, frame: pd.DataFrame
     A rank model's group score is its best item's; the ranking is the pipeline's rank post.
     """
     key = online_key(spec)
-    rows = records(frame)
-    if not rows:
+    if frame.empty:
         return pd.DataFrame({key: pd.Series(dtype=str), "score": pd.Series(dtype=float), "ranked_items": []})
-    matrix, _ = pipeline.assemble(rows)
+    matrix, _ = pipeline.assemble_frame(frame)  # column-wise: the per-row path costs ~12 µs a row
     scores = np.asarray(pipeline.scores(matrix), dtype=np.float64)
     if spec.post.kind == "rank":
-        ranked = rank_items(rows, scores, group_key=key, rank_key=spec.post.rank_key, top_k=spec.post.top_k)
-        best = pd.Series(scores).groupby(frame[key].astype(str).to_numpy()).max()
-        groups = sorted(ranked)
-        return pd.DataFrame(
-            {
-                key: groups,
-                "score": [float(best[g]) for g in groups],
-                "ranked_items": [ranked[g] for g in groups],
-            }
-        )
+        groups, items = frame[key].to_numpy(), frame[spec.post.rank_key].to_numpy()
+        ranked = rank_frame(groups, items, scores, top_k=spec.post.top_k)
+        return ranked.rename(columns={"group": key})[[key, "score", "ranked_items"]]
     keys = frame[list(spec.entity_keys)].astype(str).agg("|".join, axis=1)
-    return pd.DataFrame({key: keys.to_numpy(), "score": scores, "ranked_items": [[] for _ in rows]})
+    return pd.DataFrame(
+        {key: keys.to_numpy(), "score": scores, "ranked_items": [[] for _ in range(len(frame))]}
+    )
 
 
 def online_key(spec: ModelSpec) -> str:

@@ -13,7 +13,7 @@ from features.repository import FeatureRepository
 from headwater.errors import HeadwaterError
 from headwater.sdk import FeatureStore
 from headwater.settings import Settings
-from models.pipeline import ModelPipeline, records
+from models.pipeline import ModelPipeline, rank_frame, rank_items, records
 from models.spec import ModelSpec, stored_reads
 from models.training import training_frame
 
@@ -100,6 +100,20 @@ def test_rank_orders_each_users_items_by_score(ctr: ModelPipeline, frame: pd.Dat
     predictions = ctr.predict(rows)
     assert predictions[0].ranked_items == ranked["u1"] and predictions[-1].ranked_items == ranked["u2"]
     assert predictions[0].score == pytest.approx(scores[0]) and predictions[0].label in {"0", "1"}
+
+
+def test_the_vectorised_ranking_equals_the_serving_one() -> None:
+    rng = np.random.default_rng(3)
+    n = 5_000
+    groups = rng.integers(0, 40, n).astype(str)
+    items = rng.integers(0, 300, n).astype(str)
+    scores = rng.integers(0, 20, n) / 20.0  # many ties: they break on the item id
+    rows = [{"user_id": g, "item_id": i} for g, i in zip(groups, items, strict=True)]
+    want = rank_items(rows, scores, group_key="user_id", rank_key="item_id", top_k=7)
+    got = rank_frame(groups, items, scores, top_k=7)
+    assert dict(zip(got["group"], got["ranked_items"], strict=True)) == want
+    best = {g: max(s for gg, s in zip(groups, scores, strict=True) if gg == g) for g in want}
+    assert dict(zip(got["group"], got["score"], strict=True)) == best
 
 
 def test_single_row_assemble_and_scores_are_fast(ctr: ModelPipeline, frame: pd.DataFrame) -> None:
