@@ -14,7 +14,9 @@ Headwater (``batch.backfill.backfill``, in-process, embedded stores) is timed in
 * ClickHouse SQL: the feature set's values at every raw event (chdb over the lake), and each
   entity's latest values;
 * lake: those values as feature updates, Parquet in the lake;
-* online write: the latest values of every entity into LMDB (``put_columns``, newer-wins).
+* online write: the latest values of every entity into LMDB (``put_columns``, newer-wins);
+* materialize (``batch.materialize``): Feast's job itself, timed on its own: each entity's
+  latest feature update read back from the lake (ClickHouse) and written to an empty LMDB.
 
 Feast (``benchmarks/feast_backfill.py`` in its own virtualenv ``.venv-feast``, created by
 ``benchmarks/feast_env.sh``) gets the rows Headwater computed -- every (entity, event time)
@@ -23,8 +25,9 @@ entity's latest row to its SQLite online store. That is the same job as Headwate
 write: Feast does not compute features from raw events. Both sides' values are compared on
 probe entities.
 
-Target (issue 3): the online write >= 100x faster than ``feast materialize`` (about 80 s
-here). The end-to-end figure (from raw events) is printed against the same bar, for honesty.
+Target (issue 3): >= 100x faster than ``feast materialize`` (about 80 s here) on the same job
+(materialize: offline store -> online store). The end-to-end figure (computing from raw
+events, which Feast does not do) is printed against the same bar, for honesty.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from batch.backfill import BackfillResult, backfill  # noqa: E402
+from batch.materialize import MaterializeResult, materialize  # noqa: E402
 from batch.offline_store import open_offline_store  # noqa: E402
 from features import Count, Eq, FeatureRepository, FeatureSet, Last, Max, Mean, Min, Ratio, Sum  # noqa: E402
 from headwater.settings import Settings, load_settings  # noqa: E402
@@ -186,6 +190,15 @@ def main() -> int:
         print(f"prepared {events:,} click events in the lake ({time.perf_counter() - t:.1f} s, not timed)")
 
         result = backfill(settings, FEATURE_SET, start_ms, end_ms, repository=repository)
+        # Feast's job on Headwater: latest offline values into an empty online store.
+        fresh_online = settings.online_store.model_copy(update={"path": workdir / "online-materialized"})
+        mat = materialize(
+            settings.model_copy(update={"online_store": fresh_online}),
+            repository,
+            FEATURE_SET,
+            start_ms,
+            end_ms,
+        )
         probe_keys = [f"user-{i:06d}" for i in (0, args.entities // 2, args.entities - 1)]
         with open_online_store(settings) as store:
             rows = store.get_batch(FEATURE_SET, probe_keys, fs.feature_names)
@@ -204,16 +217,17 @@ def main() -> int:
             (workdir / "spec.json").write_text(json.dumps(spec))
             print(f"feast materialize over the same {feature_rows:,} computed rows ...", flush=True)
             feast = run_feast(workdir)
-    return report(args, events, result, headwater_probe, feast)
+    return report(args, events, (result, mat), headwater_probe, feast)
 
 
 def report(
     args: argparse.Namespace,
     events: int,
-    result: BackfillResult,
+    results: tuple[BackfillResult, MaterializeResult],
     headwater_probe: dict[str, dict[str, Any]],
     feast: dict[str, Any],
 ) -> int:
+    result, mat = results
     print(
         f"\nbackfill into the online store: {result.entities:,} entities x 50 features "
         f"({events:,} raw events, windows {', '.join(WINDOWS)})"
@@ -227,6 +241,11 @@ def report(
             f"{result.online_written:,} entities",
         ),
         ("headwater  total", result.total_s, ""),
+        (
+            "headwater  materialize (offline -> online)",
+            mat.read_s + mat.write_s,
+            f"{mat.written:,} entities: latest of the lake's updates (read {mat.read_s:.2f} s)",
+        ),
     ]
     print(f"{'':<44}{'seconds':>9}")
     for label, seconds, note in lines:
@@ -239,10 +258,12 @@ def report(
         if not same_values(headwater_probe, feast["probe"]):
             print("  WARNING: Feast and Headwater serve different values for the probe entities")
             ok = False
+        same_job = feast["materialize_s"] / (mat.read_s + mat.write_s)
+        ok &= same_job >= TARGET_SPEEDUP
+        print(f"  materialize (offline -> online) vs feast materialize: {same_job:,.0f}x >= "
+              f"{TARGET_SPEEDUP:.0f}x: {'PASS' if same_job >= TARGET_SPEEDUP else 'FAIL'}")  # fmt: skip
         online = feast["materialize_s"] / result.online_s
-        ok &= online >= TARGET_SPEEDUP
-        print(f"  online write vs feast materialize: {online:,.0f}x >= {TARGET_SPEEDUP:.0f}x: "
-              f"{'PASS' if online >= TARGET_SPEEDUP else 'FAIL'}")  # fmt: skip
+        print(f"  backfill's online write alone vs feast materialize: {online:,.0f}x")
         total = feast["materialize_s"] / result.total_s
         print(f"  end to end (SQL from raw events + lake + online) vs feast materialize: {total:,.1f}x "
               f">= {TARGET_SPEEDUP:.0f}x: {'PASS' if total >= TARGET_SPEEDUP else 'FAIL'} "

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 
 from batch.backfill import PARTITION_BASE, backfill
+from batch.materialize import materialize
 from batch.offline_store import get_historical_features, open_offline_store
 from features.engine import Aggregator
 from features.examples.clickstream import repository
@@ -143,6 +144,26 @@ def test_a_backfill_never_overwrites_a_newer_streaming_value(
     got = online(lake_settings, "item_activity", [newer_key, older_key], now)
     assert got[newer_key][0] == latest[newer_key][0] + 1 and got[newer_key][1]["clicks_24h"] == 999
     assert got[older_key] == latest[older_key]
+
+
+def test_materialize_copies_each_entitys_latest_offline_values_online(
+    lake_settings: Settings, expected: dict[str, dict[tuple[str, int], Values]], clicks: list[Any]
+) -> None:
+    backfill(lake_settings, "item_activity", 0, 2**45, online=False)  # the history, offline only
+    # A range: the latest update of each entity before a cut, as Feast's materialize would copy.
+    cut = clicks[len(clicks) // 2]["event_time"]
+    before = {k: v for k, v in expected["item_activity"].items() if k[1] < cut}
+    latest = latest_per_entity(before)
+    newer = sorted(latest)[0]
+    with open_online_store(lake_settings) as store:  # the stream already wrote a newer value
+        store.put_batch("item_activity", [(newer, cut + 1, {"clicks_24h": 999})], ttl_s=7 * 86_400)
+    result = materialize(lake_settings, repository(), "item_activity", 0, cut)
+    assert (result.entities, result.written) == (len(latest), len(latest) - 1)
+    got = online(lake_settings, "item_activity", sorted(latest), cut)
+    assert got.pop(newer)[0] == cut + 1  # newer-wins
+    assert got == {k: v for k, v in latest.items() if k != newer}
+    with pytest.raises(NotFoundError, match="known"):
+        materialize(lake_settings, repository(), "nosuch", 0, cut)
 
 
 def test_rerunning_a_backfill_replaces_rows_instead_of_duplicating_them(

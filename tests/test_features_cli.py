@@ -88,6 +88,14 @@ def test_backfill_command_writes_both_stores_or_only_the_lake(lake_settings: Set
         )
         assert row.found
 
+    # `materialize` copies the offline values the --no-online backfill left out.
+    result = invoke(lake_settings, "materialize", "item_activity", "--start", START, "--end", END)
+    assert result.exit_code == 0, result.output
+    assert "80 of 80 entities written online" in " ".join(result.output.split())
+    with open_online_store(lake_settings) as store:
+        (row,) = store.get_batch("item_activity", ["14"], ["clicks_24h"], now_ms=1_575_158_400_000)
+        assert row.found
+
 
 def test_list_shows_every_feature_set_with_its_offline_figures(lake_settings: Settings) -> None:
     before = json.loads(invoke(lake_settings, "features", "list", "--json").stdout)

@@ -1,4 +1,4 @@
-"""`headwater features list | describe NAME` and `headwater backfill FEATURE_SET --start --end`.
+"""`headwater features list | describe NAME`, `headwater backfill | materialize FEATURE_SET --start --end`.
 
 Discovery reads the definitions from the feature repository and the data about them from the
 offline store, every figure computed by ClickHouse over ``feature_updates`` (streamed and
@@ -21,6 +21,7 @@ import typer
 from rich.table import Column, Table
 
 from batch.backfill import backfill as run_backfill
+from batch.materialize import materialize as run_materialize
 from batch.offline_store import OfflineStore, open_offline_store
 from features.definitions import Aggregation, Feature, FeatureSet, Ratio
 from features.predicates import sql_identifier, sql_literal
@@ -335,6 +336,26 @@ def backfill(
     console.print(f"  total {result.total_s:.2f} s")
 
 
+def materialize(
+    ctx: typer.Context,
+    feature_set: Annotated[str, typer.Argument(help="Feature set to copy online.")],
+    start: Annotated[str, typer.Option("--start", help="First day or time of event time (UTC).")],
+    end: Annotated[str, typer.Option("--end", help="End day or time, exclusive (UTC).")],
+) -> None:
+    """Copy each entity's latest offline values in a range into the online store (newer-wins)."""
+    settings = settings_of(ctx)
+    start_ms, end_ms = parse_time(start, "--start"), parse_time(end, "--end")
+    if end_ms <= start_ms:
+        raise ConfigError(f"--end {end} is not after --start {start}: give a non-empty range")
+    result = run_materialize(settings, load_repository(settings), feature_set, start_ms, end_ms)
+    console.print(
+        f"materialized {result.feature_set} over [{_when(start_ms)}, {_when(end_ms)}): "
+        f"{result.written:,} of {result.entities:,} entities written online (newer-wins), "
+        f"read {result.read_s:.2f} s, write {result.write_s:.2f} s"
+    )
+
+
 def register(root: typer.Typer) -> None:
     root.add_typer(app, name="features")
     root.command("backfill")(backfill)
+    root.command("materialize")(materialize)
