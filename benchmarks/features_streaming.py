@@ -60,7 +60,11 @@ from streams.serde import Serde
 from streams.topics import TopicCatalog
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+# The project before benchmarks/ (Python puts a script's folder first), whose serving.py would
+# hide the serving package; benchmarks/ last, for the sibling scripts imported below.
+_BENCH = ROOT / "benchmarks"
+sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() not in (ROOT, _BENCH))]
+sys.path.append(str(ROOT / "benchmarks"))
 from features_engine import clicks  # noqa: E402 - benchmarks/ is not a package
 
 WINDOWS = ["1m", "1h", "24h"]

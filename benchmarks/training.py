@@ -44,8 +44,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+# The project before benchmarks/ (Python puts a script's folder first), whose serving.py would
+# hide the serving package; benchmarks/ last, for the sibling scripts imported below.
+_BENCH = ROOT / "benchmarks"
+sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() not in (ROOT, _BENCH))]
+sys.path.append(str(ROOT / "benchmarks"))
 
 from features_training import FEATURE_SET, _records, bulk_table, enumerate_rows  # noqa: E402
 
