@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -116,20 +115,9 @@ def test_the_vectorised_ranking_equals_the_serving_one() -> None:
     assert dict(zip(got["group"], got["score"], strict=True)) == best
 
 
-def test_single_row_assemble_and_scores_are_fast(ctr: ModelPipeline, frame: pd.DataFrame) -> None:
+def test_a_single_row_scores_as_the_estimator_does(ctr: ModelPipeline, frame: pd.DataFrame) -> None:
+    # The single-row path (serving) takes the compiled fast path; its speed is measured by
+    # benchmarks/serving.py, its result must be the estimator's own.
     row = records(frame.iloc[[100]])[0]
     x, _ = ctr.assemble([row])
-
-    def per_call_us(f: Any, n: int = 2_000) -> float:
-        f()
-        start = time.perf_counter()
-        for _ in range(n):
-            f()
-        return (time.perf_counter() - start) / n * 1e6
-
-    assemble_us = per_call_us(lambda: ctr.assemble([row]))
-    scores_us = per_call_us(lambda: ctr.scores(x))
-    print(f"single row: assemble {assemble_us:.1f} us, scores {scores_us:.1f} us")
-    # Generous bounds (2 shared cores): the budget is well under 100 us for both together.
-    assert assemble_us < 200 and scores_us < 300
     assert ctr.scores(x)[0] == ctr.estimator.predict_proba(x)[0, 1]  # type: ignore[union-attr]
