@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import lmdb
 
@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 __all__ = ["LmdbOnlineStore"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+Getter = Callable[[Any], Any]  # a read transaction's get, or the schema lookup
 
 # Reader slots live in the lock file and are fixed by the first process that opens the
 # environment; serving replicas with thread pools need more than LMDB's default 126.
@@ -219,26 +222,13 @@ class LmdbOnlineStore(OnlineStore):
         *,
         now_ms: int | None = None,
     ) -> list[FeatureRow]:
-        env = self._live_env()
         now = epoch_ms() if now_ms is None else now_ms
-        prefix = check_feature_set(feature_set).encode() + b"\0"
-        try:
-            # buffers=True: values are memoryviews into the map, decoded without a copy
-            # while the transaction is open.
-            with env.begin(buffers=True) as txn:
-                get = txn.get
-                return self._codec.decode(
-                    (get(prefix + key.encode()) for key in entity_keys),
-                    features,
-                    now,
-                    lambda schema_id: get(_schema_key(schema_id)),
-                )
-        except lmdb.BadValsizeError as exc:
-            raise OnlineStoreError(
-                f"{feature_set}: an entity key is longer than LMDB's {MAX_KEY_BYTES}-byte limit"
-            ) from exc
-        except lmdb.Error as exc:
-            raise OnlineStoreError(f"LMDB read from {self.path} failed: {exc}") from exc
+        return self._read(
+            feature_set,
+            lambda get, prefix, schema: self._codec.decode(
+                (get(prefix + key.encode()) for key in entity_keys), features, now, schema
+            ),
+        )
 
     def get_values(
         self,
@@ -248,22 +238,28 @@ class LmdbOnlineStore(OnlineStore):
         *,
         now_ms: int | None = None,
     ) -> FeatureValues:
-        env = self._live_env()
         now = epoch_ms() if now_ms is None else now_ms
+        return self._read(
+            feature_set,
+            lambda get, prefix, schema: self._codec.decode_values(
+                [get(prefix + key.encode()) for key in entity_keys], features, now, schema
+            ),
+        )
+
+    def _read(self, feature_set: str, decode: Callable[[Getter, bytes, Getter], _T]) -> _T:
+        """``decode(get, key prefix, schema lookup)`` inside one read transaction."""
+        env = self._live_env()
         prefix = self._prefixes.get(feature_set)
         if prefix is None:  # validated once per feature set: this is the serving path
             prefix = check_feature_set(feature_set).encode() + b"\0"
             if len(self._prefixes) < 4096:
                 self._prefixes[feature_set] = prefix
         try:
+            # buffers=True: values are memoryviews into the map, decoded without a copy
+            # while the transaction is open.
             with env.begin(buffers=True) as txn:
                 get = txn.get
-                return self._codec.decode_values(
-                    [get(prefix + key.encode()) for key in entity_keys],
-                    features,
-                    now,
-                    lambda schema_id: get(_schema_key(schema_id)),
-                )
+                return decode(get, prefix, lambda schema_id: get(_schema_key(schema_id)))
         except lmdb.BadValsizeError as exc:
             raise OnlineStoreError(
                 f"{feature_set}: an entity key is longer than LMDB's {MAX_KEY_BYTES}-byte limit"
