@@ -10,9 +10,12 @@ the history; :func:`batch.backfill.backfill` computes values from raw events ins
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from batch.offline_store import open_offline_store
@@ -26,6 +29,20 @@ from serving.online_store import open_online_store
 __all__ = ["MaterializeResult", "materialize"]
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """No garbage collection during a bulk write: it allocates objects per entity, none cyclic,
+    and each collection walks the caller's whole heap (in the backfill benchmark's process,
+    100,000 entities: 0.43 s -> 0.36 s)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass
@@ -76,7 +93,7 @@ def materialize(
     result.entities = latest.num_rows
     if latest.num_rows:
         t = time.perf_counter()
-        with open_online_store(settings) as online:
+        with open_online_store(settings) as online, paused_gc():
             result.written = online.put_columns(fs.name, latest, ttl_s=fs.ttl_ms / 1000)
         result.write_s = time.perf_counter() - t
     log.info(
