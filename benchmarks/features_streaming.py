@@ -167,7 +167,10 @@ def run_json(cmd: list[str], timeout_s: float) -> dict[str, Any]:
         return {"error": f"timed out after {timeout_s:.0f} s: {' '.join(cmd[:3])}"}
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        return {"error": f"exit {done.returncode}: {done.stderr[-3000:]}"}
+        # The first traceback says why; shutdown noise (Faust's pending tasks) can follow it.
+        first = done.stderr.find("Traceback")
+        head = done.stderr[first : first + 3000] if first >= 0 else ""
+        return {"error": f"exit {done.returncode}: {head}\n...\n{done.stderr[-1500:]}"}
     figures: dict[str, Any] = json.loads(lines[-1])
     return figures
 
