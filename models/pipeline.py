@@ -135,6 +135,16 @@ class ModelPipeline:
         self._scorer = compile_scorer(estimator, self.spec.task)
         self._classes = [str(c) for c in getattr(estimator, "classes_", [0, 1])]
 
+    @property
+    def defaults(self) -> list[float]:
+        """Per column of the vector, the value a missing one takes (the spec's default, else 0)."""
+        return self._defaults
+
+    @property
+    def has_transforms(self) -> bool:
+        """Whether pre runs on-demand transforms (per row) before the vector is read."""
+        return bool(self._transforms)
+
     # ---- pre --------------------------------------------------------------------------------
     def _prepare(self, row: Mapping[str, Any], missing: list[str]) -> Mapping[str, Any]:
         work = dict(row)
@@ -236,7 +246,8 @@ class ModelPipeline:
         return self._scorer(x)
 
     # ---- post -------------------------------------------------------------------------------
-    def _label(self, score: float) -> str | None:
+    def label(self, score: float) -> str | None:
+        """The class a score stands for (classification, clustering), else None: the post stage's rule."""
         if self.spec.task == "clustering":
             return str(int(score))
         if self.spec.task != "classification":
@@ -262,7 +273,7 @@ class ModelPipeline:
         out = []
         for row, score in zip(rows, scores.tolist(), strict=True):
             items = ranked.get("" if group_key is None else str(row.get(group_key, "")), []) if ranked else []
-            out.append(Prediction(score if task_scores else None, self._label(score), items))
+            out.append(Prediction(score if task_scores else None, self.label(score), items))
         return out
 
     def predict(self, rows: Sequence[Mapping[str, Any]]) -> list[Prediction]:

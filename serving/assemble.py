@@ -42,14 +42,14 @@ class ColumnarAssembler:
         self.order: np.ndarray | None = (
             None if order == list(range(len(order))) else np.asarray(order, np.intp)
         )
-        self.defaults = np.asarray(pipeline._defaults, dtype=np.float64)  # the pipeline's own defaults
+        self.defaults = np.asarray(pipeline.defaults, dtype=np.float64)
 
     @staticmethod
     def build(
         pipeline: ModelPipeline, reads: Sequence[tuple[str, Sequence[str]]]
     ) -> ColumnarAssembler | None:
         """An assembler when it is exactly ``pipeline.assemble``, else None."""
-        if pipeline._transforms:  # on-demand transforms run per row, inside assemble
+        if pipeline.has_transforms:  # on-demand transforms run per row, inside assemble
             return None
         refs = [f"{fs}:{n}" for fs, names in reads for n in names]
         columns = set(pipeline.columns)

@@ -162,7 +162,7 @@ def _precomputed(
             out.append(None)
             continue
         items = [str(x) for x in json.loads(ranked)] if isinstance(ranked, str) and ranked else []
-        label = model.pipeline._label(float(score)) if model.pipeline.spec.task == "classification" else None
+        label = model.pipeline.label(float(score)) if model.pipeline.spec.task == "classification" else None
         out.append((Prediction(float(score), label, items), int(version or model.version), row.age_ms))
     return out
 

@@ -18,7 +18,7 @@ from typing import Annotated, NoReturn
 import typer
 from confluent_kafka import KafkaException
 
-from headwater.cli import broker, demo, events, features, processors, schemas, sql, topics
+from headwater.cli import broker, demo, events, features, models, processors, schemas, serve, sql, topics
 from headwater.errors import HeadwaterError
 from headwater.settings import Settings, load_settings
 
@@ -56,10 +56,8 @@ def _root(
         ctx.obj = load_settings(config, **overrides)
 
 
-for _module in (broker, topics, schemas, events, features, processors, sql, demo):
+for _module in (broker, topics, schemas, events, features, models, processors, serve, sql, demo):
     _module.register(app)
-__import__("headwater.cli.models", fromlist=["register"]).register(app)  # models: registry
-__import__("headwater.cli.serve", fromlist=["register"]).register(app)  # serving
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:

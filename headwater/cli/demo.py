@@ -23,7 +23,6 @@ from rich.table import Table
 
 from batch.offline_store import open_offline_store
 from headwater.cli.common import console, serde_for, settings_of, step, to_json
-from headwater.cli.demo_ml import step_serve, step_train
 from headwater.errors import HeadwaterError
 from headwater.sample_data import CAMPAIGNS, merged_events, retimed
 from headwater.sdk import FeatureStore
@@ -415,6 +414,9 @@ def demo(
         step_report(published, arrived)
         step_features(settings, events, published_at, timeout_s)
         step_history(settings, events, run_id, timeout_s)
+        # Imported here: Dagster, scikit-learn and skops take seconds, every other command skips them.
+        from headwater.cli.demo_ml import step_serve, step_train
+
         if step_train(settings, events, 7):
             step_serve(settings, events, 8, timeout_s)
     finally:

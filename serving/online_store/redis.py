@@ -154,15 +154,10 @@ class RedisOnlineStore(OnlineStore):
         *,
         now_ms: int | None = None,
     ) -> list[FeatureRow]:
-        now = epoch_ms() if now_ms is None else now_ms
         if not entity_keys:
             return []
-        prefix = self._key_prefix_for(feature_set)
-        try:
-            records: list[bytes | None] = self._client.mget([prefix + key.encode() for key in entity_keys])
-        except redis.RedisError as exc:
-            raise self._failed(f"reading {feature_set}", exc) from exc
-        return self._codec.decode(records, features, now, self._load_schema)
+        now = epoch_ms() if now_ms is None else now_ms
+        return self._codec.decode(self._records(feature_set, entity_keys), features, now, self._load_schema)
 
     def get_values(
         self,
@@ -172,15 +167,20 @@ class RedisOnlineStore(OnlineStore):
         *,
         now_ms: int | None = None,
     ) -> FeatureValues:
-        now = epoch_ms() if now_ms is None else now_ms
         if not entity_keys:
             return FeatureValues([], [])
+        now = epoch_ms() if now_ms is None else now_ms
+        records = self._records(feature_set, entity_keys)
+        return self._codec.decode_values(records, features, now, self._load_schema)
+
+    def _records(self, feature_set: str, entity_keys: Sequence[str]) -> list[bytes | None]:
+        """The stored records of the entities, in order (None where missing): one MGET."""
         prefix = self._key_prefix_for(feature_set)
         try:
             records: list[bytes | None] = self._client.mget([prefix + key.encode() for key in entity_keys])
         except redis.RedisError as exc:
             raise self._failed(f"reading {feature_set}", exc) from exc
-        return self._codec.decode_values(records, features, now, self._load_schema)
+        return records
 
     def _load_schema(self, schema_id: int) -> bytes | None:
         # Once per schema per process: the codec caches what it gets.
