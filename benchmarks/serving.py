@@ -10,13 +10,21 @@ two feature sets of 25 features each (``bench_user`` keyed by user_id, ``bench_i
 item_id: 50 online features per entity), 10,000 users and 1,000 items in the LMDB online
 store, and a gradient-boosted model (HistGradientBoostingClassifier, 100 trees) on the 50
 features, registered and promoted through the real registry. One server process is started
-with ``headwater serve`` (rate limits off); load comes from separate processes running the
-gRPC asyncio client:
+with ``headwater serve`` (rate limits off). Load comes from h2load (nghttp2's HTTP/2 load
+generator, in C, installed by ``infra/setup.sh``) posting gRPC frames, one h2load process and
+connection per request body: a Python gRPC client needs as much CPU per call as the server,
+and on two cores it would take the server's second core. h2load sends the same body on each
+of its calls, so four bodies (four (user, item) pairs) make the single-entity load and two
+bodies of 100 pairs the batch load; the whole online store is in the page cache either way.
 
-- open loop at fixed rates (500, 1,000, 2,000 calls/s) of single-entity calls: p50 / p99 of
-  latency measured from each call's *scheduled* start (no coordinated omission);
-- closed loop with many calls outstanding: the maximum single-entity calls/s of the server;
-- closed loop of 100-entity calls: scored items/s.
+- open loop at fixed rates (500, 1,000, 2,000 calls/s) of single-entity calls, from h2load
+  processes of 100 calls/s each on timing scripts: p50 / p99 of its per-call latency;
+- closed loop with 32 calls outstanding: the maximum single-entity calls/s of the server;
+- closed loop of 100-entity calls, 4 outstanding: scored items/s.
+
+A 2 s closed-loop warm-up comes first; each pass runs ``--duration`` seconds. h2load sees HTTP status 200 for
+every gRPC answer, errors included, so the passes count gRPC statuses from the server's
+``/metrics``; the server's CPU time per call comes from /proc.
 
 Targets (issue 5, one server process): p99 <= 5 ms at 1,000 calls/s, >= 3,000 single-entity
 predictions/s, >= 100,000 scored items/s. The machine's cores are shared by the server and the
@@ -26,17 +34,18 @@ load generators: the figures are for the whole machine as it is.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import multiprocessing as mp
+import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +158,15 @@ def setup(workdir: Path) -> tuple[Any, Any, dict[str, list[str]]]:
     return settings, broker, pipeline.reads
 
 
-def start_server(settings: Any, workdir: Path) -> tuple[subprocess.Popen[str], str]:
+@dataclass
+class Server:
+    proc: subprocess.Popen[str]
+    target: str
+    metrics_url: str
+
+
+def start_server(settings: Any, workdir: Path) -> Server:
+    """``headwater serve`` in a subprocess, on free ports, rate limits off."""
     import yaml
 
     serving = {
@@ -171,15 +188,20 @@ def start_server(settings: Any, workdir: Path) -> tuple[subprocess.Popen[str], s
     )
     assert proc.stdout is not None
     for line in proc.stdout:
-        found = re.search(r"serving ready: grpc://(\S+)", line)
+        found = re.search(r"serving ready: grpc://(\S+) metrics (\S+)", line)
         if found:
             threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True).start()
-            return proc, found.group(1)
+            return Server(proc, found.group(1), found.group(2))
     raise SystemExit(f"the server did not start (exit {proc.wait()})")
 
 
-# -- load generation (separate processes) ---------------------------------------------------------
+# -- load generation (h2load, separate processes) ---------------------------------------------------
+PATH = "/headwater.serving.v1.PredictionService/Predict"
+OPEN_LOOP_RATE_PER_PROCESS = 100
+
+
 def _requests(n_entities: int, count: int, seed: int) -> list[bytes]:
+    """``count`` serialized requests of ``n_entities`` (user, item) pairs each, one user per request."""
     from serving.api.v1 import prediction_pb2 as pb
 
     rng = random.Random(seed)
@@ -193,114 +215,115 @@ def _requests(n_entities: int, count: int, seed: int) -> list[bytes]:
     return out
 
 
-def _worker(
-    target: str,
+def grpc_bodies(workdir: Path, n_entities: int, count: int) -> list[Path]:
+    """Request bodies as gRPC frames (uncompressed flag, big-endian length, message), one per file."""
+    paths = []
+    for i, message in enumerate(_requests(n_entities, count, seed=n_entities)):
+        path = workdir / f"request-{n_entities}-{i}.bin"
+        path.write_bytes(b"\0" + len(message).to_bytes(4, "big") + message)
+        paths.append(path)
+    return paths
+
+
+def scrape_statuses(metrics_url: str) -> dict[str, float]:
+    """Predict calls answered so far by gRPC status, from the server's Prometheus /metrics."""
+    from urllib.request import urlopen
+
+    counts: dict[str, float] = {}
+    with urlopen(metrics_url, timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("headwater_serving_request_seconds_count{"):
+                status = re.search(r'status="([^"]*)"', line)
+                key = status.group(1) if status else "?"
+                counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def h2load_binary() -> str:
+    found = shutil.which("h2load")
+    if found is None:
+        raise SystemExit("h2load not found: run `bash infra/setup.sh` (it installs Debian's nghttp2-client)")
+    return found
+
+
+def load(
+    server: Server,
+    bodies: list[Path],
     *,
-    mode: str,
-    rate: float,
     duration: float,
-    n_entities: int,
-    concurrency: int,
-    seed: int,
-    out: Any,
-) -> None:
-    import grpc
+    n_entities: int = 1,
+    rate: float | None = None,
+    outstanding: int = 16,
+) -> dict[str, float]:
+    """h2load processes for ``duration`` seconds: open loop at ``rate`` calls/s in all, or closed
+    with ``outstanding`` calls in flight (one process and connection per body).
 
-    async def run() -> dict[str, Any]:
-        channel = grpc.aio.insecure_channel(target)
-        call = channel.unary_unary("/headwater.serving.v1.PredictionService/Predict")
-        payloads = _requests(n_entities, 512, seed)
-        for p in payloads[:50]:
-            await call(p)
-        latencies: list[float] = []
-        errors = 0
-        loop = asyncio.get_running_loop()
-
-        async def one(payload: bytes, scheduled: float) -> None:
-            nonlocal errors
-            try:
-                await call(payload, timeout=10)
-                latencies.append(loop.time() - scheduled)
-            except grpc.RpcError:
-                errors += 1
-
-        start = loop.time()
-        if mode == "open":
-            tasks = []
-            interval = 1.0 / rate
-            i = 0
-            while (scheduled := start + i * interval) < start + duration:
-                delay = scheduled - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.ensure_future(one(payloads[i % len(payloads)], scheduled)))
-                i += 1
-            await asyncio.gather(*tasks)
-        else:
-
-            async def closed(k: int) -> None:
-                i = k
-                while loop.time() < start + duration:
-                    await one(payloads[i % len(payloads)], loop.time())
-                    i += concurrency
-
-            await asyncio.gather(*(closed(k) for k in range(concurrency)))
-        elapsed = loop.time() - start
-        await channel.close()
-        return {"latencies": latencies, "errors": errors, "elapsed": elapsed}
-
-    out.put(asyncio.run(run()))
+    Open loop: h2load's ``--rps`` sends in bursts (its timer ticks at most every 10 ms, all
+    connections' ticks together), so each process follows a timing script instead, at
+    ``OPEN_LOOP_RATE_PER_PROCESS`` calls/s, the processes' schedules interleaved; calls/s is
+    what was reached. Latency is h2load's per-call time (sent -> answer complete), from its
+    log. h2load sees HTTP/2 status 200 for every gRPC answer, errors included: the gRPC
+    statuses are counted by the server's ``/metrics`` before and after the pass.
+    """
+    binary = h2load_binary()
+    url = f"http://{server.target}{PATH}"
+    runs: list[tuple[list[str], Path]] = []  # (h2load's options and URL, request body)
+    if rate is not None:
+        processes = max(1, math.ceil(rate / OPEN_LOOP_RATE_PER_PROCESS))
+        per = rate / processes
+        for k in range(processes):
+            script = bodies[0].parent / f"timing-{rate:g}-{k}.txt"
+            offsets = ((k / rate + i / per) * 1e3 for i in range(int(duration * per)))
+            script.write_text("".join(f"{ms:.3f}\t{url}\n" for ms in offsets))
+            runs.append((["--timing-script-file", str(script), "-m", "64"], bodies[k % len(bodies)]))
+    else:
+        streams = str(max(1, outstanding // len(bodies)))
+        runs = [(["-D", f"{duration:g}", "-m", streams, url], body) for body in bodies]
+    before = scrape_statuses(server.metrics_url)
+    started = time.perf_counter()
+    procs = []
+    for k, (options, body) in enumerate(runs):
+        log_file = body.parent / f"h2load-{k}.log"
+        log_file.unlink(missing_ok=True)  # h2load appends
+        command = [
+            binary, "-c", "1", "--log-file", str(log_file), "-d", str(body),
+            "-H", "content-type: application/grpc", "-H", "te: trailers", *options,
+        ]  # fmt: skip
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append((proc, log_file))
+    latencies: list[int] = []
+    http_failed = 0
+    for proc, log_file in procs:
+        out, _ = proc.communicate(timeout=duration * 3 + 120)
+        if proc.returncode != 0:
+            raise SystemExit(f"h2load failed (exit {proc.returncode}):\n{out}")
+        found = re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
+        if found is None:
+            raise SystemExit(f"h2load printed no summary:\n{out}")
+        http_failed += sum(int(x) for x in found.groups()[1:])
+        latencies += [int(line.split("\t")[2]) for line in log_file.read_text().splitlines() if line]
+        log_file.unlink()
+    elapsed = time.perf_counter() - started if rate is not None else duration
+    after = scrape_statuses(server.metrics_url)
+    answered = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    latencies.sort()
+    calls = len(latencies)
+    return {
+        "calls": calls,
+        "errors": http_failed + int(sum(v for k, v in answered.items() if k != "OK")),
+        "grpc_ok": int(answered.get("OK", 0.0)),
+        "answered": int(sum(answered.values())),
+        "calls_per_s": calls / elapsed,
+        "items_per_s": calls * n_entities / elapsed,
+        "p50_ms": latencies[calls // 2] / 1e3 if calls else float("nan"),
+        "p99_ms": latencies[min(calls - 1, int(calls * 0.99))] / 1e3 if calls else float("nan"),
+    }
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def load(
-    target: str,
-    *,
-    mode: str,
-    rate: float = 0,
-    duration: float,
-    n_entities: int = 1,
-    processes: int = 2,
-    concurrency: int = 1,
-) -> dict[str, float]:
-    queue: Any = mp.get_context("spawn").Queue()
-    workers = [
-        mp.get_context("spawn").Process(
-            target=_worker,
-            kwargs={
-                "target": target,
-                "mode": mode,
-                "rate": rate / processes,
-                "duration": duration,
-                "n_entities": n_entities,
-                "concurrency": concurrency,
-                "seed": seed,
-                "out": queue,
-            },
-        )
-        for seed in range(processes)
-    ]
-    for w in workers:
-        w.start()
-    results = [queue.get() for _ in workers]
-    for w in workers:
-        w.join()
-    latencies = sorted(x for r in results for x in r["latencies"])
-    elapsed = max(r["elapsed"] for r in results)
-    calls = len(latencies)
-    return {
-        "calls": calls,
-        "errors": sum(r["errors"] for r in results),
-        "calls_per_s": calls / elapsed,
-        "items_per_s": calls * n_entities / elapsed,
-        "p50_ms": latencies[calls // 2] * 1e3 if calls else float("nan"),
-        "p99_ms": latencies[min(calls - 1, int(calls * 0.99))] * 1e3 if calls else float("nan"),
-    }
 
 
 # -- the online-feature part alone, against Feast --------------------------------------------------
@@ -382,25 +405,27 @@ def feature_part(
     return out
 
 
-def run_passes(settings: Any, workdir: Path, duration: float, processes: int) -> dict[str, Any]:
+def run_passes(settings: Any, workdir: Path, duration: float) -> dict[str, Any]:
     """Every load pass against one server process; its CPU time per call from /proc."""
     figures: dict[str, Any] = {}
-    proc, target = start_server(settings, workdir)
+    server = start_server(settings, workdir)
     try:
-        common = {"duration": duration, "processes": processes}
+        singles = grpc_bodies(workdir, 1, 4)
+        batches = grpc_bodies(workdir, 100, 2)
         passes: dict[str, dict[str, Any]] = {
-            **{f"open {rate}/s": {"mode": "open", "rate": rate} for rate in (500, 1_000, 2_000)},
-            "max single": {"mode": "closed", "concurrency": 16},
-            "batch 100": {"mode": "closed", "n_entities": 100, "concurrency": 4},
+            **{f"open {rate}/s": {"bodies": singles, "rate": rate} for rate in (500, 1_000, 2_000)},
+            "max single": {"bodies": singles, "outstanding": 32},
+            "batch 100": {"bodies": batches, "n_entities": 100, "outstanding": 4},
         }
+        load(server, singles, duration=2.0, outstanding=32)  # warm-up: first calls, caches, branches
         for name, options in passes.items():
-            before = cpu_seconds(proc.pid)
-            figures[name] = load(target, **common, **options)
-            calls = max(1, figures[name]["calls"])
-            figures[name]["server_cpu_ms_per_call"] = (cpu_seconds(proc.pid) - before) * 1e3 / calls
+            before = cpu_seconds(server.proc.pid)
+            figures[name] = load(server, duration=duration, **options)
+            calls = max(1, figures[name]["answered"])
+            figures[name]["server_cpu_ms_per_call"] = (cpu_seconds(server.proc.pid) - before) * 1e3 / calls
     finally:
-        proc.terminate()
-        proc.wait(30)
+        server.proc.terminate()
+        server.proc.wait(30)
     return figures
 
 
@@ -410,7 +435,6 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="short passes (development)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per load pass")
-    parser.add_argument("--processes", type=int, default=2, help="load-generating processes")
     parser.add_argument("--no-feast", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
@@ -420,7 +444,7 @@ def main() -> int:
         workdir = Path(tmp)
         settings, broker, reads = setup(workdir)
         try:
-            figures.update(run_passes(settings, workdir, duration, args.processes))
+            figures.update(run_passes(settings, workdir, duration))
             figures["feature part"] = feature_part(
                 settings, workdir, reads, 500 if args.quick else 3_000, feast=not args.no_feast
             )
@@ -430,7 +454,7 @@ def main() -> int:
 
 
 def report(figures: dict[str, Any], args: argparse.Namespace) -> int:
-    print(f"prediction service, one server process, {os.cpu_count()} cores shared with the load generators")
+    print(f"prediction service, one server process, {os.cpu_count()} cores shared with h2load")
     print(
         f"{'pass':<16}{'calls/s':>10}{'items/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
         f"{'server CPU ms/call':>20}"

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${HEADWATER_VENV:-.venv}
-APT_PACKAGES=(redis-server)
+# redis-server: the Redis online store's tests; nghttp2-client: h2load, the load generator of benchmarks/serving.py
+APT_PACKAGES=(redis-server nghttp2-client)
 
 log() { printf '[setup] %s\n' "$*"; }
 
