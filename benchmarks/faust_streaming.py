@@ -119,6 +119,7 @@ def role_faust(args: argparse.Namespace) -> dict[str, Any]:
         "batches": host.batches,
         "updates": produced,
         "dead_lettered": host.dead_lettered,
+        "paused_partitions": host.pauses,  # the aligner's flow control: partitions paused in the run
         "wall_s": wall_s,
         "cpu_s": cpu_s,
         "events_per_s_wall": host.processed / wall_s,

@@ -368,7 +368,7 @@ def feature_part(
         keys = [f"user-{i:06d}" for i in range(N_USERS)]
         event_time_ms = (int(time.time()) - 3_600) * 1000
         store.put_batch("bench_flat", [(k, event_time_ms, r) for k, r in zip(keys, rows, strict=True)])
-        spec = {
+        spec: dict[str, Any] = {
             "features": features,
             "warmup": 100,
             "probe": [keys[0], keys[-1]],

@@ -23,6 +23,15 @@ Where Faust's own semantics are bypassed, and why:
 * Outputs. Our producer (librdkafka, idempotent, Avro single-object encoding) rather than
   Faust's: the same bytes and keys as the native engine, and one ``flush`` to wait on before
   a commit. Records are re-emitted identically after a crash; consumers are idempotent.
+* Flow control. An aligned processor's buffer is bounded by pausing the partitions that fill
+  it (``processors.runtime._Aligner``). That is done in aiokafka, not with Faust's
+  ``pause_partitions``: its ``resume_partitions`` leaves aiokafka's partition type in its
+  active set, which fails Faust's assertions at the next pause and at ``app.stop()``; with
+  Faust's own type, a small bound stalled the fetcher (the partitions left active got no more
+  records: tests/processors/test_faust_engine.py); and Faust only filters what aiokafka has
+  already consumed, dropping the records of a partition paused while a fetch is delivered.
+  aiokafka's pause keeps the position of what it has not delivered, and Faust never sees a
+  partition as paused (its stop, commits and rebalances are unchanged).
 * Topics. The platform creates its topics with explicit configs; Faust may not declare any
   (``topic_allow_declare=False``, and no leader topic), since the embedded broker gives a
   topic created without configs an empty config.
@@ -129,6 +138,7 @@ class FaustHost:
         batch_size: int | None = None,
         poll_timeout_s: float = 0.05,
         clock: Callable[[], float] = time.time,
+        max_buffered: int = 50_000,
     ) -> None:
         if not has_lz4():  # else Faust's fetcher crashes on the first batch of records
             raise ConfigError(
@@ -152,7 +162,9 @@ class FaustHost:
         # The runtime's aligner asks a consumer for its assignment, partition ends and pending
         # positions; this host answers from Faust's consumer (see the methods below).
         self._aligner = (
-            _Aligner(cast(EventConsumer, self), self.batch_size) if processor.event_time_aligned else None
+            _Aligner(cast(EventConsumer, self), self.batch_size, max_buffered)
+            if processor.event_time_aligned
+            else None
         )
         self._app: faust.App | None = None
         self._closed = False  # once set, batches still delivered by Faust are left to replay
@@ -160,6 +172,7 @@ class FaustHost:
         self.processed = 0
         self.batches = 0
         self.dead_lettered = 0
+        self.pauses = 0  # partitions paused by the aligner's flow control
 
     def _start_offset(self, topic: str, partition: int) -> int | None:
         return self._positions.get((topic, partition))
@@ -188,12 +201,33 @@ class FaustHost:
         return dict(self._pending)
 
     def pause(self, partitions: list[Position]) -> None:
-        if self._app is not None:
-            self._app.consumer.pause_partitions([_tp(t, p) for t, p in partitions])
+        self.pauses += len(partitions)
+        self._fetching(partitions, resume=False)
 
     def resume(self, partitions: list[Position]) -> None:
-        if self._app is not None:
-            self._app.consumer.resume_partitions([_tp(t, p) for t, p in partitions])
+        self._fetching(partitions, resume=True)
+
+    def _fetching(self, partitions: list[Position], *, resume: bool) -> None:
+        """Pause or resume fetching in aiokafka, under Faust (see the module docstring).
+
+        aiokafka's consumer lives on the Faust consumer's thread and loop: the call is queued
+        there, in order, and takes effect within a fetch. Records of a partition already handed
+        to Faust still arrive (the aligner buffers them); those aiokafka holds for a paused
+        partition are dropped without moving its position, so they are fetched again on resume.
+        """
+        if self._app is None or not partitions:
+            return
+        thread = cast(_PositionedConsumer, self._app.consumer)._thread
+        tps = [TopicPartition(t, p) for t, p in partitions]
+
+        def apply() -> None:  # on the consumer's thread
+            consumer = thread._consumer
+            if consumer is None:  # stopped meanwhile
+                return
+            assigned = consumer.assignment()  # a partition revoked meanwhile: nothing to do
+            (consumer.resume if resume else consumer.pause)(*(tp for tp in tps if tp in assigned))
+
+        thread.thread_loop.call_soon_threadsafe(apply)
 
     def caught_up(self) -> bool:
         assigned = self.assignment()
