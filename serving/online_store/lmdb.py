@@ -6,7 +6,8 @@ processes (a mutex in the lock file), so the read-compare-write of newer-wins in
 transaction is atomic with no retry loop. Readers never block and are never blocked: each
 ``get_batch`` opens a fresh read transaction, which sees every write committed before it.
 ``put_columns`` (backfills) does the same in one transaction for a whole column batch,
-encoded vectorised: one multi-get of the stored records, one multi-put in key order.
+encoded vectorised: one multi-get of the stored records, one multi-put in key order; into a
+feature set the store holds nothing of, no lookups, and an append when its keys come last.
 
 Keys are ``<feature set> NUL <entity key>`` in the one unnamed database, values the shared
 record format of :mod:`serving.online_store.codec`; schemas live under ``#schema NUL <id>``
@@ -15,6 +16,7 @@ record format of :mod:`serving.online_store.codec`; schemas live under ``#schema
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -162,6 +164,8 @@ class LmdbOnlineStore(OnlineStore):
     ) -> int:
         env = self._live_env()
         import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
 
         from serving.online_store.columnar import encode_columns
 
@@ -177,30 +181,38 @@ class LmdbOnlineStore(OnlineStore):
         if not batch.records:
             return 0
         prefix = feature_set.encode() + b"\0"
-        keys = [prefix + key.encode() for key in batch.entity_keys]
-        longest = max(keys, key=len)
-        if len(longest) > MAX_KEY_BYTES:
-            entity = longest[len(prefix) : len(prefix) + 40].decode(errors="replace")
+        sizes = pc.binary_length(batch.keys)
+        longest = len(prefix) + pc.max(sizes).as_py()
+        if longest > MAX_KEY_BYTES:
+            entity = batch.keys[pc.index(sizes, longest - len(prefix)).as_py()].as_py()
             raise OnlineStoreError(
-                f"{feature_set}/{entity}...: key is {len(longest)} bytes, LMDB allows {MAX_KEY_BYTES}: "
-                "shorten the entity key"
+                f"{feature_set}/{entity[:40]}...: key is {longest} bytes, "
+                f"LMDB allows {MAX_KEY_BYTES}: shorten the entity key"
             )
+        key_array = batch.store_keys(prefix)  # sorted, distinct
+        keys: list[bytes] = key_array.to_pylist()
         try:
             with env.begin(write=True) as txn:
                 for schema_id, names in batch.schemas.items():
                     txn.put(_schema_key(schema_id), names, overwrite=False)
                 cursor = txn.cursor()
-                # Newer-wins inside the write transaction, as put_batch: one sorted multi-get of the
-                # stored records, then one multi-put of the updates not older than them.
+                # Newer-wins inside the write transaction, as put_batch. Where the store holds no
+                # key of this feature set there is nothing to compare, and when no key follows
+                # them either, the sorted keys are appended (MDB_APPEND: no search, full pages).
+                if not cursor.set_range(prefix):
+                    return _put_sorted(cursor, keys, batch.records, append=True)
+                if not cursor.key().startswith(prefix):
+                    return _put_sorted(cursor, keys, batch.records, append=False)
                 newer = list(zip(keys, batch.records, strict=True))
                 found = cursor.getmulti(keys)
                 if found:  # stored event times are the records' first 8 bytes (see codec)
-                    position = {key: i for i, key in enumerate(keys)}
-                    at = np.fromiter((position[key] for key, _ in found), np.int64, len(found))
                     stored = np.frombuffer(b"".join([record[:8] for _, record in found]), ">i8")
-                    kept = set(at[stored > batch.event_times[at]].tolist())  # stored values newer
-                    if kept:
-                        newer = [item for i, item in enumerate(newer) if i not in kept]
+                    found_keys = pa.array([key for key, _ in found], pa.binary())
+                    at = pc.index_in(found_keys, value_set=key_array).to_numpy()
+                    write = np.ones(len(keys), bool)
+                    write[at[stored > batch.event_times[at]]] = False  # stored values are newer
+                    if not write.all():
+                        newer = list(itertools.compress(newer, write.tolist()))
                 cursor.putmulti(newer)
         except lmdb.MapFullError as exc:
             raise self._full() from exc
@@ -271,6 +283,14 @@ class LmdbOnlineStore(OnlineStore):
         if self._env is not None:
             _release_env(self._env)
             self._env = None
+
+
+def _put_sorted(cursor: lmdb.Cursor, keys: list[bytes], records: list[bytes], *, append: bool) -> int:
+    """Write sorted, distinct keys none of which is stored; with ``append`` they follow every stored key."""
+    _, added = cursor.putmulti(zip(keys, records, strict=True), append=append)
+    if added != len(keys):  # LMDB refused a key as not after the last one: write them in place
+        cursor.putmulti(zip(keys, records, strict=True))
+    return len(keys)
 
 
 def _schema_key(schema_id: int) -> bytes:
