@@ -181,6 +181,23 @@ class ProcessorSettings(BaseModel):
     faust_session_timeout_s: float = Field(
         6.0, gt=0, description="Faust engine: consumer group session timeout (short: the embedded broker)"
     )
+    faust_fetch_max_wait_ms: int = Field(
+        50,
+        ge=0,
+        description=(
+            "Faust engine: longest a fetch waits for records at the broker (aiokafka fetch_max_wait_ms; "
+            "Faust fixes it at 1500). The embedded broker answers a fetch only when this expires, even "
+            "with records waiting, so it is a floor on each fetch's latency; the native engine's is 50"
+        ),
+    )
+    faust_max_partition_fetch_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Faust engine: most bytes one fetch returns per partition (aiokafka max_partition_fetch_bytes, "
+            "Faust's consumer_max_fetch_size)"
+        ),
+    )
 
 
 class Settings(BaseSettings):

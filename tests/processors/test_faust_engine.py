@@ -10,11 +10,14 @@ import functools
 import threading
 from typing import Any, cast
 
+from confluent_kafka import Consumer, TopicPartition
+
 from features.engine import Aggregator
 from headwater.settings import ProcessorSettings, Settings
 from processors.faust import FaustHost
-from processors.state_store import StateStore
+from processors.state_store import Position, StateStore
 from processors.worker import build_hosts, load_repository, run_processors
+from streams.broker import resolve_bootstrap
 from streams.consumer import EventConsumer
 from streams.producer import EventProducer
 from streams.serde import Serde
@@ -87,6 +90,16 @@ def dead_letters(settings: Settings, serde: Serde) -> list[tuple[Any, ...]]:
     )
 
 
+def group_offsets(settings: Settings, group: str, positions: list[Position]) -> dict[Position, int]:
+    """The offsets the consumer group committed (Faust's own commits), read without joining it."""
+    consumer = Consumer({"bootstrap.servers": resolve_bootstrap(settings), "group.id": group})
+    try:
+        committed = consumer.committed([TopicPartition(t, p) for t, p in positions], timeout=10)
+    finally:
+        consumer.close()
+    return {(tp.topic, tp.partition): tp.offset for tp in committed}
+
+
 def test_faust_engine_equals_native_engine_with_dead_letters(
     settings: Settings,
     serde: Serde,
@@ -130,7 +143,8 @@ def test_faust_restart_resumes_from_the_stored_positions(
     repository = load_repository(faust)
     name = "features-user_activity"
 
-    first = build_hosts(faust, serde, repository, [name], FaustHost)[name]
+    small = functools.partial(FaustHost, batch_size=1000)  # a stop between batches, not after all
+    first = build_hosts(faust, serde, repository, [name], small)[name]
     stop = threading.Event()
     thread = threading.Thread(target=first.run, args=(stop,), name="faust-first", daemon=True)
     thread.start()
@@ -205,7 +219,11 @@ def test_faust_flow_control_pauses_partitions_and_stops_cleanly(
     assert host.processed == len(clicks)  # none lost while paused, none twice
     store = StateStore(faust.data_dir / "state" / name)
     try:
-        assert sum(store.positions().values()) == len(clicks)  # everything committed at the stop
+        positions = store.positions()
     finally:
         store.close()
+    assert sum(positions.values()) == len(clicks)  # everything committed at the stop
+    # Faust's own commits (lag monitoring): the stored positions, committed by its stop.
+    group = f"{faust.topic_prefix}headwater-faust-{name}"
+    assert group_offsets(faust, group, list(positions)) == positions
     assert updates(faust, serde) == updates(native, serde)
