@@ -166,13 +166,13 @@ class ProcessorSettings(BaseModel):
     """Which engine hosts the stream processors (the same pure ``Processor`` objects either way)."""
 
     engine: Literal["native", "faust"] = Field(
-        "native",
+        "faust",
         description=(
-            "'native' (default): processors.runtime.StreamRunner on librdkafka, state committed with its "
-            "input positions (effectively once); on the embedded broker 2-4x the Faust engine's events/s "
-            "per core for the same feature processor (benchmarks/faust_streaming.py). 'faust': the same "
-            "processors hosted by Faust (faust-streaming) agents with the same state store and positions "
-            "(Faust's offsets and table changelogs are not relied on); needs aiokafka's lz4 codec (cramjam)"
+            "'faust' (default): the processors hosted in Faust (faust-streaming) apps, fetched batches"
+            " handed to them directly, with Headwater's state store and positions (Faust's offsets and table "
+            "changelogs are not relied on); needs aiokafka's lz4 codec (cramjam). 'native': "
+            "processors.runtime.StreamRunner on librdkafka, the same state store and positions; about the "
+            "same events/s per core (benchmarks/faust_streaming.py)"
         ),
     )
     faust_batch_size: int = Field(

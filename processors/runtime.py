@@ -17,13 +17,12 @@ each batch:
 A crash anywhere replays at most the batch in flight, from exactly the state it started
 with, so the outputs are the same records again, and their consumers are idempotent.
 
-Why this runner is the default and Faust an option (``settings.processors.engine``):
-Faust's aiokafka consumer reads the embedded broker several times slower than librdkafka
-(the same feature processor: ~32-36k events/s per core here, against 10-15k hosted by Faust,
-``benchmarks/faust_streaming.py``), its fetcher waits up to 1.5 s (freshness), and its
-at-least-once commits let table changelogs run ahead of offsets, which double-applies
-aggregation state after a crash. Processors stay pure, so :mod:`processors.faust` hosts the
-same objects with the same state store and positions, and a Flink job could too.
+This runner is the ``native`` engine (``settings.processors.engine``); the default, ``faust``
+(:mod:`processors.faust`), hosts the same objects with the same state store, positions and
+aligner in Faust apps, at about the same events/s per core (``benchmarks/faust_streaming.py``).
+Neither relies on Kafka offset commits or Faust's table changelogs: at-least-once commits let
+changelogs run ahead of offsets, which double-applies aggregation state after a crash.
+Processors stay pure, so a Flink job could host them too.
 """
 
 from __future__ import annotations
