@@ -44,6 +44,19 @@ def step_train(settings: Settings, events: list[tuple[str, dict[str, Any]]], n: 
     if last < first:
         console.print("skipped: the replayed events end within their first day (publish more with --limit)")
         return False
+    # A short replay can cover a complete day with no click at all (it depends on the hour it
+    # runs): the training set's label check would refuse it, rightly; say so instead of failing.
+    positives = sum(
+        1
+        for topic, r in events
+        if topic == "clicks" and r["action"] == "CLICK" and _day(r["event_time"]) <= last
+    )
+    if positives < settings.batch.min_positives:
+        console.print(
+            f"skipped: the complete days {first}..{last} of this replay hold {positives} clicks; a training "
+            f"set needs at least {settings.batch.min_positives} (publish more with --limit)"
+        )
+        return False
     start = time.perf_counter()
     result = materialize_days(settings, first, last, log_level="WARNING")
     seconds = time.perf_counter() - start
