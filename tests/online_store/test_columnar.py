@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from serving.online_store import columnar
+from serving.online_store import cells, columnar
 from serving.online_store.codec import RecordCodec
 from serving.online_store.columnar import encode_columns, rows_of
 
@@ -121,7 +121,7 @@ def test_rows_of_fixed_width_only() -> None:
 
 
 def test_long_strings_and_string_groups(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(columnar, "STRING_GROUP_BYTES", 64)  # short strings in many groups
+    monkeypatch.setattr(cells, "STRING_GROUP_BYTES", 64)  # short strings in many groups
     rng = random.Random(5)
     lengths = [0, 1, 31, 32, 100, 511, 512, 513, 65_535, 65_536, 70_000]
     n = 120
