@@ -35,7 +35,7 @@ from streams.producer import EventProducer
 from streams.serde import DecodeError, Serde
 from streams.topics import TopicCatalog
 
-__all__ = ["Event", "EventConsumer"]
+__all__ = ["Event", "EventConsumer", "dead_letter_record"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,33 @@ def _event(  # noqa: PLR0917 - positional like Event(...), on the hot path
         "tombstone": tombstone,
     })  # fmt: skip
     return event
+
+
+def dead_letter_record(  # noqa: PLR0917 - the record's fields, in its order
+    topic: str,
+    partition: int,
+    offset: int,
+    consumer: str,
+    error: Exception,
+    key: bytes | None,
+    value: bytes | None,
+    headers: dict[str, bytes],
+) -> dict[str, Any]:
+    """The ``dead-letters`` event of a record (physical topic) that ``consumer`` could not take:
+    where it came from, the error, and its bytes as they were. Every engine sends this one."""
+    return {
+        "event_id": f"{topic}/{partition}/{offset}",
+        "event_time": int(time.time() * 1000),
+        "source_topic": topic,
+        "source_partition": partition,
+        "source_offset": offset,
+        "consumer": consumer,
+        "error_type": type(error).__name__,
+        "error": str(error),
+        "original_key": key,
+        "original_value": value,
+        "original_headers": headers,
+    }
 
 
 @dataclass(frozen=True)
@@ -241,22 +268,8 @@ class EventConsumer:
         log.warning("%s: dead-lettering %s [%d] @%d: %s", self.name, topic, partition, offset, error)
         if self._dead_letters is None:
             self._dead_letters = EventProducer(self.settings, self.serde, client_id=f"{self.name}-dlq")
-        self._dead_letters.send(
-            "dead-letters",
-            {
-                "event_id": f"{topic}/{partition}/{offset}",
-                "event_time": int(time.time() * 1000),
-                "source_topic": topic,
-                "source_partition": partition,
-                "source_offset": offset,
-                "consumer": self.name,
-                "error_type": type(error).__name__,
-                "error": str(error),
-                "original_key": key,
-                "original_value": value,
-                "original_headers": headers,
-            },
-        )
+        record = dead_letter_record(topic, partition, offset, self.name, error, key, value, headers)
+        self._dead_letters.send("dead-letters", record)
         self.dead_lettered += 1
 
     def assignment(self) -> set[tuple[str, int]]:

@@ -21,8 +21,8 @@ Where Faust's own semantics are bypassed, and why:
 * Agents and streams. Faust turns every record into a Message and an Event and passes each
   through its conductor to an agent's stream with two tasks and an ``asyncio.wait``: ~4/5 of
   the engine's CPU per event (a third of the native engine's events/s per core). No agent
-  here: the consumer's fetch loop (``_PositionedConsumer._drain_messages``) hands aiokafka's
-  records to the host as fetched, keeping what Faust's loop guarantees (no records across a
+  here: the consumer's fetch loop (:mod:`processors.faust.consumer`) hands aiokafka's records
+  to the host as fetched, keeping what Faust's loop guarantees (no records across a
   rebalance's flow stop, none before a partition's read offset after a seek).
 * Fetch wait. Faust fixes aiokafka's ``fetch_max_wait_ms`` at 1500; the embedded broker answers
   a fetch only when it expires, so it is ``processors.faust_fetch_max_wait_ms`` here (50 ms, as
@@ -55,23 +55,20 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-import aiokafka
 import faust
 from aiokafka.codec import has_lz4
 from aiokafka.structs import ConsumerRecord, TopicPartition
-from faust.transport.drivers import aiokafka as faust_kafka
 from faust.types import TP
-from mode import ServiceT
 
 from headwater.errors import ConfigError, HeadwaterError
 from headwater.settings import Settings
+from processors.faust.consumer import PositionedConsumer, Records, faust_app
 from processors.runtime import Processor, _Aligner, _LongLivedObjects
 from processors.state_store import Position, StateStore
-from streams.broker import resolve_bootstrap
-from streams.consumer import Event, EventConsumer
+from streams.consumer import Event, EventConsumer, dead_letter_record
 from streams.consumer import _event as _new_event
 from streams.producer import EventProducer
 from streams.serde import DecodeError, Serde
@@ -81,152 +78,8 @@ __all__ = ["FaustHost"]
 
 log = logging.getLogger(__name__)
 
-StartOffset = Callable[[str, int], int | None]
-Records = Sequence[Sequence[ConsumerRecord[bytes, bytes]]]  # per partition, in offset order
 IDLE_INTERVAL_S = 0.1  # how often held events and commits progress when no batch arrives
 JOIN_TIMEOUT_S = 60.0  # with ``until_caught_up``: a worker that gets no partition by then fails
-FETCH_TIMEOUT_S = 1.0  # longest one wait for fetched records lasts (Faust's own loop's figure)
-
-
-class _ConsumerThread(faust_kafka.AIOKafkaConsumerThread):
-    """Faust's aiokafka consumer thread, with the host's fetch wait (Faust fixes it at 1.5 s)."""
-
-    def _create_worker_consumer(self, transport: faust_kafka.Transport) -> aiokafka.AIOKafkaConsumer:
-        consumer = super()._create_worker_consumer(transport)
-        # Read by aiokafka's fetcher when the consumer starts, i.e. after this.
-        consumer._fetch_max_wait_ms = cast(_Transport, self.transport).fetch_max_wait_ms
-        return consumer
-
-
-class _PositionedConsumer(faust_kafka.Consumer):
-    """Faust's aiokafka consumer, seeking to the host's positions where Faust seeks to committed ones,
-    handing what it fetches to the host in batches, and committing the host's durable positions."""
-
-    def _new_consumer_thread(self) -> faust_kafka.AIOKafkaConsumerThread:
-        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-    async def seek_to_committed(self) -> Mapping[TP, int]:
-        start = cast(_Transport, self.transport).start_offset
-        seeked: dict[TP, int] = {}
-        for tp in self.assignment():
-            offset = start(tp.topic, tp.partition)
-            kafka_tp = cast(TP, TopicPartition(tp.topic, tp.partition))  # aiokafka checks its own type
-            if offset is None:  # nothing processed yet: from the beginning, as the native runner
-                await self._thread.seek_to_beginning(kafka_tp)
-            else:
-                await self._seek(kafka_tp, offset)
-                seeked[tp] = offset
-        log.info("%s: seeked to stored positions %s", self.app.conf.id, seeked)
-        return seeked  # Faust's read offsets follow: it drops nothing at or after these
-
-    async def _drain_messages(self, fetcher: ServiceT) -> None:
-        """Faust's fetch loop (``Consumer._drain_messages``) without its per-record machinery.
-
-        Faust wraps every record in a Message and an Event, and hands each one to the agent's
-        stream through the conductor with two tasks and an ``asyncio.wait``: ~4/5 of the
-        engine's CPU per event. Here what a fetch returned goes to the host in batches of at
-        most ``batch_size`` records, each a share of every partition's (aiokafka returns one
-        partition's records before the next one's: an aligned processor would otherwise buffer
-        a whole partition's fetch while waiting for the others, and pause it past its bound,
-        its records fetched again). The loop yields between batches. Kept from Faust's loop: the
-        flow stop of a rebalance (what was fetched and not yet handed over is dropped, to be
-        fetched again from the positions the rebalance seeks to) and its read offsets (records
-        before a partition's read offset, delivered after a seek back, are dropped). Nothing is
-        acknowledged to Faust: its commits take the durable positions instead
-        (``_filter_committable_offsets``).
-        """
-        transport = cast(_Transport, self.transport)
-        deliver, batch_size = transport.deliver, transport.batch_size
-        consumer_should_stop = cast(Any, self)._stopped.is_set
-        fetcher_should_stop = cast(Any, fetcher)._stopped.is_set
-        read_offset = self._read_offset
-        monitor = self.app.monitor
-        track_end, inbound = monitor.track_tp_end_offset, monitor.stream_inbound_time
-        try:
-            while not (consumer_should_stop() or fetcher_should_stop()):
-                records, _ = await self._wait_next_records(FETCH_TIMEOUT_S)
-                await self.sleep(0)  # as Faust's loop: other tasks run between fetches
-                if not records or self.should_stop or not self.flow_active:
-                    continue
-                batch: list[Sequence[ConsumerRecord[bytes, bytes]]] = []
-                for tp, fetched in records.items():
-                    first = read_offset[tp]
-                    if fetched and first is not None and fetched[0].offset < first:
-                        fetched = [r for r in fetched if r.offset >= first]  # noqa: PLW2901
-                    if fetched:
-                        read_offset[tp] = fetched[-1].offset
-                        track_end(tp, self.highwater(tp))
-                        inbound[tp] = time.monotonic()  # else Faust's livelock check sees an idle stream
-                        batch.append(fetched)
-                for chunk in _chunks(batch, batch_size) if batch else ():
-                    if self.should_stop or not self.flow_active:
-                        break  # the rest is fetched again from the positions a rebalance seeks to
-                    deliver(chunk)
-                    await asyncio.sleep(0)  # a stop, a timer, a rebalance may run between chunks
-        except self.consumer_stopped_errors:
-            if self.transport.app.should_stop:
-                return
-            raise
-        except asyncio.CancelledError:
-            if self.transport.app.should_stop:
-                return
-            raise
-
-    def _filter_tps_with_pending_acks(self, topics: Any = None) -> Iterator[TP]:
-        return (tp for tp in self.assignment() if topics is None or tp in topics or tp.topic in topics)
-
-    def _filter_committable_offsets(self, tps: Iterable[TP]) -> dict[TP, int]:
-        """Faust's commits (lag monitoring only): the positions the state store holds, never ahead."""
-        durable = cast(_Transport, self.transport).durable
-        offsets: dict[TP, int] = {}
-        for tp in tps:
-            offset = durable.get((tp.topic, tp.partition))
-            if offset is not None and self._should_commit(tp, offset):
-                offsets[tp] = offset
-        return offsets
-
-
-class _Transport(faust_kafka.Transport):
-    Consumer = _PositionedConsumer
-    # Set by _faust_app before the consumer exists:
-    start_offset: StartOffset
-    deliver: Callable[[Records], None]
-    batch_size: int
-    durable: Mapping[Position, int]  # the positions committed with the state
-    fetch_max_wait_ms: int
-
-
-def _faust_app(settings: Settings, name: str, host: FaustHost) -> faust.App:
-    conf = settings.processors
-    datadir = settings.data_dir / "faust" / name  # Faust insists on one, though it keeps no tables here
-    datadir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
-        # The consumer group. Not the native runner's: a group keeps its members' assignment protocol
-        # (librdkafka "range", aiokafka "roundrobin"), so one engine could not join the other's group;
-        # positions come from the state store either way. Prefixed, as topics are, for shared brokers.
-        f"{settings.topic_prefix}headwater-faust-{name}",
-        broker=[f"kafka://{server}" for server in resolve_bootstrap(settings).split(",")],
-        datadir=str(datadir),
-        store="memory://",  # no Faust tables (see the module docstring)
-        autodiscover=False,
-        web_enabled=False,
-        topic_allow_declare=False,
-        topic_disable_leader=True,  # the leader topic would be declared with Faust's configs
-        consumer_auto_offset_reset="earliest",
-        # Short, as the native consumers' locally: the embedded broker's joins wait on it (DESIGN.md §3).
-        broker_session_timeout=conf.faust_session_timeout_s,
-        broker_heartbeat_interval=conf.faust_session_timeout_s / 3,
-        broker_max_poll_records=None,  # all that is fetched: _drain_messages splits it into batches
-        consumer_max_fetch_size=conf.faust_max_partition_fetch_bytes,
-    )
-    transport = _Transport(app.conf.broker_consumer, app)
-    transport.start_offset = host._start_offset
-    transport.deliver = host.step
-    transport.batch_size = host.batch_size
-    transport.durable = host._durable
-    transport.fetch_max_wait_ms = conf.faust_fetch_max_wait_ms
-    app.transport = transport
-    return app
 
 
 class FaustHost:
@@ -323,7 +176,7 @@ class FaustHost:
         """
         if self._app is None or not partitions:
             return
-        thread = cast(_PositionedConsumer, self._app.consumer)._thread
+        thread = cast(PositionedConsumer, self._app.consumer)._thread
         tps = [TopicPartition(t, p) for t, p in partitions]
 
         def apply() -> None:  # on the consumer's thread
@@ -409,31 +262,15 @@ class FaustHost:
         self.batches += 1
 
     def dead_letter(self, event: Event, error: Exception) -> None:
-        """The dead-letter record of ``streams.consumer.EventConsumer.dead_letter``, on our producer."""
+        """What ``streams.consumer.EventConsumer.dead_letter`` sends, on our producer."""
         topic = self.catalog.name(event.topic)
-        log.warning(
-            "%s: dead-lettering %s [%d] @%d: %s",
-            self.processor.name,
-            topic,
-            event.partition,
-            event.offset,
-            error,
-        )
+        name = self.processor.name
+        log.warning("%s: dead-lettering %s [%d] @%d: %s", name, topic, event.partition, event.offset, error)
         self.producer.send(
             "dead-letters",
-            {
-                "event_id": f"{topic}/{event.partition}/{event.offset}",
-                "event_time": int(time.time() * 1000),
-                "source_topic": topic,
-                "source_partition": event.partition,
-                "source_offset": event.offset,
-                "consumer": self.processor.name,
-                "error_type": type(error).__name__,
-                "error": str(error),
-                "original_key": event.key,
-                "original_value": event.value,
-                "original_headers": event.headers,
-            },
+            dead_letter_record(
+                topic, event.partition, event.offset, name, error, event.key, event.value, event.headers
+            ),
         )
         self.dead_lettered += 1
 
@@ -452,7 +289,7 @@ class FaustHost:
             raise HeadwaterError(f"{self.processor.name} failed: {self.error}") from self.error
 
     async def _run(self, stop: threading.Event, until_caught_up: bool) -> None:
-        app = self._app = _faust_app(self.settings, self.processor.name, self)
+        app = self._app = faust_app(self.settings, self.processor.name, self)
         # Subscribed without an agent: the consumer hands fetched batches to ``step`` itself.
         app.topics.add(app.topic(*self._specs, key_serializer="raw", value_serializer="raw"))
 
@@ -497,14 +334,6 @@ class FaustHost:
 
 def _tp(topic: str, partition: int) -> TP:
     return cast(TP, TopicPartition(topic, partition))
-
-
-def _chunks(records: Records, size: int) -> Iterator[Records]:
-    """``records`` (per partition) in chunks of at most ``size``, each a share of every partition's."""
-    share = max(1, size // len(records))
-    longest = max(len(r) for r in records)
-    for start in range(0, longest, share):
-        yield [r[start : start + share] for r in records if len(r) > start]
 
 
 def _headers(raw: Iterable[tuple[str, Any]]) -> dict[str, bytes]:
