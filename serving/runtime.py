@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,9 +94,18 @@ class Routes:
 
 
 def build_loaded(
-    mv: ModelVersion, pipeline: ModelPipeline, repository: FeatureRepository, serde: Serde
+    mv: ModelVersion,
+    pipeline: ModelPipeline,
+    repository: FeatureRepository,
+    serde: Serde,
+    *,
+    native_dir: Path | None = None,
 ) -> LoadedModel:
-    """The request-path plan of a loaded pipeline; warms it up with one scoring call."""
+    """The request-path plan of a loaded pipeline; warms it up with one scoring call.
+
+    ``native_dir``: where gradient-boosted trees are compiled to machine code and cached
+    (:func:`models.fastpath.compile_scorer`); the service passes ``<data_dir>/cache/models``.
+    """
     spec = pipeline.spec
     reads: list[FeatureRead] = []
     group_of: dict[str, int] = {}
@@ -117,8 +127,9 @@ def build_loaded(
     encoder = PredictionEncoder(header, pipeline.columns, column_groups)
     if pipeline.estimator is None:
         raise HeadwaterError(f"model {mv.name}:{mv.version} holds no fitted estimator")
-    scorer = compile_scorer(pipeline.estimator, spec.task)
-    scorer(np.zeros((1, len(pipeline.columns))))  # first call pays any lazy set-up (compiling), not a request
+    scorer = compile_scorer(pipeline.estimator, spec.task, native_dir=native_dir)
+    for rows in (1, 64):  # the first calls pay any lazy set-up (compiling, loading), not a request
+        scorer(np.zeros((rows, len(pipeline.columns))))
     return LoadedModel(
         name=mv.name,
         version=mv.version,
@@ -247,7 +258,13 @@ class ModelRuntime:
                 raise HeadwaterError(
                     f"the artifact holds model {pipeline.spec.name!r}, registered as {mv.name!r}"
                 )
-            model = build_loaded(mv, pipeline, self.repository, self.serde)
+            model = build_loaded(
+                mv,
+                pipeline,
+                self.repository,
+                self.serde,
+                native_dir=self.settings.data_dir / "cache" / "models",
+            )
         except Exception as exc:  # any failure keeps the previous version serving
             self._failed[key] = str(exc)
             log.error(

@@ -1,7 +1,10 @@
 """models.fastpath: every scorer equals scikit-learn's predict_proba / predict, bit for bit,
-at every batch size (compiled rows for few rows, scikit-learn's tree walk for many)."""
+at every batch size (compiled rows for few rows, scikit-learn's tree walk or the trees
+compiled to machine code for many)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,6 +73,46 @@ def test_both_tree_paths_are_taken_and_agree() -> None:
     rows = np.array([compiled(row) for row in test.tolist()])
     assert walked.tolist() == rows.tolist()
     assert walked.tolist() == model._raw_predict(test)[:, 0].tolist()
+
+
+def test_trees_compiled_to_machine_code_equal_scikit_learn_and_are_cached(tmp_path: Path) -> None:
+    x, y, target = data(6)
+    models = [
+        (
+            HistGradientBoostingClassifier(max_iter=50, random_state=1, early_stopping=False).fit(x, y),
+            "classification",
+        ),
+        (HistGradientBoostingRegressor(max_iter=30, random_state=1).fit(x, target), "regression"),
+    ]
+    test = probes(6)
+    for model, task in models:
+        scorer = compile_scorer(model, task, native_dir=tmp_path)
+        assert isinstance(scorer, fastpath._Trees)
+        assert scorer._native is not None, "tl2cgen/gcc did not build the trees (see the log)"
+        expected = reference_scores(model, task, test)
+        for n in SIZES:
+            assert scorer(test[:n]).tolist() == expected[:n].tolist(), (task, n)
+    libraries = sorted(tmp_path.glob("trees-*.so"))
+    assert len(libraries) == 2 and not list(tmp_path.glob("*.tmp.so"))
+    built = [p.stat().st_mtime_ns for p in libraries]
+    again = compile_scorer(models[0][0], "classification", native_dir=tmp_path)  # loads, no gcc
+    assert again._native is not None  # type: ignore[attr-defined]
+    assert [p.stat().st_mtime_ns for p in sorted(tmp_path.glob("trees-*.so"))] == built
+    assert again(test).tolist() == reference_scores(models[0][0], "classification", test).tolist()
+
+
+def test_trees_fall_back_to_the_walk_when_they_cannot_be_compiled(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    x, y, _ = data(7)
+    model = HistGradientBoostingClassifier(max_iter=10, random_state=0, early_stopping=False).fit(x, y)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    scorer = compile_scorer(model, "classification", native_dir=blocked)
+    assert scorer._native is None  # type: ignore[attr-defined]
+    assert "trees_not_compiled" in caplog.text
+    test = probes(7)[:200]
+    assert scorer(test).tolist() == reference_scores(model, "classification", test).tolist()
 
 
 def test_trees_too_deep_to_compile_are_walked(monkeypatch: pytest.MonkeyPatch) -> None:
