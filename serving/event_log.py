@@ -162,11 +162,7 @@ class EventLog:
             self.metrics.events_dropped.labels("encode").inc(n)
             self._drained += n
             return
-        refused = 0
-        send, topic = producer.try_send_raw, self._topic
-        for key, value in zip(batch.entity_keys, values, strict=True):
-            if not send(topic, value, key=key.encode(), headers=_PREDICTION_HEADERS):
-                refused += 1
+        refused = producer.try_send_many(self._topic, values, batch.entity_keys, headers=_PREDICTION_HEADERS)
         self._drained += n
         self.sent += n - refused
         self.metrics.events_sent.inc(n - refused)

@@ -38,6 +38,19 @@ def _string(s: str) -> bytes:
     return _varint(len(b)) + b
 
 
+#: Avro length prefixes of strings shorter than 64 bytes (one varint byte), by length.
+_SHORT = [_varint(k) for k in range(64)]
+
+
+def _strings(values: Sequence[str]) -> list[bytes]:
+    """Avro strings, many at once (ids and keys: one per entity)."""
+    out = []
+    for value in values:
+        b = value.encode()
+        out.append(_SHORT[len(b)] + b if len(b) < 64 else _varint(len(b)) + b)
+    return out
+
+
 def _opt_string(s: str | None) -> bytes:
     return _NULL if s is None else b"\x02" + _string(s)
 
@@ -89,42 +102,53 @@ class PredictionEncoder:
         self._layouts: dict[tuple[int, ...], _Layout] = {}
 
     def encode(self, batch: PredictionBatch) -> list[bytes]:
-        """One single-object-encoded event per entity of ``batch``, in order."""
+        """One single-object-encoded event per entity of ``batch``, in order.
+
+        Per entity only what differs is built (id, key, features block, score, label); the
+        rest is joined once per batch. ~1 us an entity: 100 events cost less than their
+        ``produce`` calls.
+        """
         n = len(batch.entity_keys)
         blocks = self._feature_blocks(batch, n)
         name, ref = _string(batch.model_name), _string(batch.model_ref)
-        head_common = name + _varint(batch.model_version) + ref
         client = _opt_string(batch.client_id)
-        tail_common = (
+        tail = (
             _NULL * 3  # experiment_id, variant, propensity: empty until experiments exist
             + _varint(batch.latency_us)
             + (b"\x01" if batch.shadow else b"\x00")
             + _opt_string(batch.trace_id)
         )
         event_time = _varint(batch.event_time_ms)
-        out = []
         header = self.header
-        for i in range(n):
-            score, label, ranked = batch.scores[i], batch.labels[i], batch.ranked_items[i]
+        ids = _strings(batch.prediction_ids)
+        keys = _strings(batch.entity_keys)
+        if batch.versions is None:
+            heads = [event_time + name + _varint(batch.model_version) + ref] * n
+        else:
+            heads = [event_time + name + _varint(v) + ref for v in batch.versions]
+        labels: dict[str | None, bytes] = {}
+        out = []
+        for i, score, label, ranked in zip(
+            range(n), batch.scores, batch.labels, batch.ranked_items, strict=True
+        ):
+            label_bytes = labels.get(label)
+            if label_bytes is None:
+                label_bytes = labels[label] = _opt_string(label)
             if ranked:
-                ranked_bytes = _varint(len(ranked)) + b"".join(_string(r) for r in ranked) + _NULL
-            else:
-                ranked_bytes = _NULL
-            head = head_common if batch.versions is None else name + _varint(batch.versions[i]) + ref
+                label_bytes += _varint(len(ranked)) + b"".join(_string(r) for r in ranked)
             out.append(
                 b"".join(
                     (
                         header,
-                        _string(batch.prediction_ids[i]),
-                        event_time,
-                        head,
-                        _string(batch.entity_keys[i]),
+                        ids[i],
+                        heads[i],
+                        keys[i],
                         client,
                         blocks[i],
                         _NULL if score is None else b"\x02" + _DOUBLE(score),
-                        _opt_string(label),
-                        ranked_bytes,
-                        tail_common,
+                        label_bytes,
+                        _NULL,  # end of ranked_items (or the empty array)
+                        tail,
                     )
                 )
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -122,25 +123,30 @@ class EventProducer:
                 self._producer.poll(0.1)
         self._producer.poll(0)
 
-    def try_send_raw(
+    def try_send_many(
         self,
         topic_name: str,
-        value: bytes | None,
+        values: Sequence[bytes],
+        keys: Sequence[str],
         *,
-        key: bytes | None = None,
         headers: list[tuple[str, str | bytes | None]] | None = None,
-    ) -> bool:
-        """:meth:`send_raw` that never waits: False when librdkafka's bounded queue is full
-        (the broker is away or slow), so the caller can count a drop and go on."""
-        try:
-            self._producer.produce(topic_name, value, key, headers=headers, on_delivery=self._on_delivery)
-        except BufferError:
-            return False
-        return True
+    ) -> int:
+        """:meth:`send_raw` for many records (``values[i]`` keyed by ``keys[i]``) that never waits:
+        returns how many librdkafka refused because its bounded queue is full (the broker is
+        away or slow), so the caller can count drops and go on. The per-record Python work is
+        the ``produce`` call alone."""
+        produce, on_delivery = self._producer.produce, self._on_delivery
+        refused = 0
+        for key, value in zip(keys, values, strict=True):
+            try:
+                produce(topic_name, value, key, headers=headers, on_delivery=on_delivery)
+            except BufferError:
+                refused += 1
+        return refused
 
     def poll(self) -> int:
         """Serve pending delivery reports without waiting (updates ``delivered``/``failed``);
-        a producer that sends with :meth:`try_send_raw` calls it from time to time."""
+        a producer that sends with :meth:`try_send_many` calls it from time to time."""
         served: int = self._producer.poll(0)
         return served
 
