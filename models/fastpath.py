@@ -39,6 +39,7 @@ Anything else falls back to the estimator's own ``predict_proba`` / ``predict``.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import math
@@ -46,7 +47,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy.special import expit
@@ -260,6 +261,8 @@ class _NativeTrees:
     library itself is loaded once by the dynamic loader).
     """
 
+    _log: ClassVar[Any] = None  # tl2cgen's log callback once re-routed (:meth:`_quiet`)
+
     def __init__(self, libpath: Path) -> None:
         import tl2cgen
 
@@ -279,6 +282,23 @@ class _NativeTrees:
         margin = self._predictor().predict(matrix, pred_margin=True)
         return np.asarray(margin, dtype=np.float64).reshape(len(x))
 
+    @staticmethod
+    def _quiet() -> None:
+        """tl2cgen prints its compiler's progress to stdout (a server's output, a CLI's table);
+        its log goes to this module's debug log instead. No public setting exists: this
+        re-registers the callback tl2cgen registers at import, and a failure changes nothing."""
+        if _NativeTrees._log is None:
+            try:
+                from tl2cgen.libloader import _LIB
+
+                def debug(message: bytes) -> None:
+                    log.debug("tl2cgen: %s", message.decode(errors="replace"))
+
+                _NativeTrees._log = ctypes.CFUNCTYPE(None, ctypes.c_char_p)(debug)  # kept alive: C holds it
+                _LIB.TL2cgenRegisterLogCallback(_NativeTrees._log)
+            except Exception:  # pragma: no cover - only the log's destination is at stake
+                _NativeTrees._log = False
+
     @classmethod
     def load(
         cls, trees: list[tuple[np.ndarray, Any]], baseline: float, n_features: int, native_dir: Path
@@ -286,6 +306,7 @@ class _NativeTrees:
         """The library of these trees from ``native_dir``, compiled there first if absent."""
         import tl2cgen
 
+        cls._quiet()
         digest = hashlib.sha256(f"{tl2cgen.__version__} {baseline!r} {n_features}".encode())
         for nodes, _ in trees:
             digest.update(np.ascontiguousarray(nodes).tobytes())
