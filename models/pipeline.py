@@ -270,10 +270,21 @@ class ModelPipeline:
                 top_k=self.spec.post.top_k,
             )
         task_scores = self.spec.task != "clustering"
+        values = scores.tolist()
+        if self.spec.task == "classification" and len(self._classes) == 2:  # label(), for a whole batch
+            classes = self._classes
+            labels: list[str | None] = [classes[k] for k in (scores >= self.spec.post.threshold).tolist()]
+        else:
+            labels = [self.label(score) for score in values]
+        if not ranked:
+            return [
+                Prediction(score if task_scores else None, label, [])
+                for score, label in zip(values, labels, strict=True)
+            ]
         out = []
-        for row, score in zip(rows, scores.tolist(), strict=True):
-            items = ranked.get("" if group_key is None else str(row.get(group_key, "")), []) if ranked else []
-            out.append(Prediction(score if task_scores else None, self.label(score), items))
+        for row, score, label in zip(rows, values, labels, strict=True):
+            items = ranked.get("" if group_key is None else str(row.get(group_key, "")), [])
+            out.append(Prediction(score if task_scores else None, label, items))
         return out
 
     def predict(self, rows: Sequence[Mapping[str, Any]]) -> list[Prediction]:

@@ -135,11 +135,13 @@ def _times(event_times: list[list[int | None]], n: int, now_ms: int) -> tuple[np
     """Event times per entity and read (-1: not found), and the age of each entity's oldest."""
     if not event_times:
         return _NO_TIMES, [None] * n
-    ages: list[int | None] = []
-    for per_read in zip(*event_times, strict=True):
-        found = [t for t in per_read if t is not None]
-        ages.append(now_ms - min(found) if found else None)
     times = np.array([[-1 if t is None else t for t in ts] for ts in event_times], np.int64).T
+    found = times >= 0
+    oldest = np.where(found, times, np.iinfo(np.int64).max).min(axis=1)
+    ages: list[int | None] = (now_ms - oldest).tolist()
+    if not found.all():
+        for i in np.flatnonzero(~found.any(axis=1)).tolist():
+            ages[i] = None
     return times, ages
 
 

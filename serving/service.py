@@ -262,20 +262,23 @@ class PredictionService:
         add = response.predictions.add
         prefix, ids = self._id_prefix, self._ids
         prediction_ids = []
-        for i, out in enumerate(scored.predictions):
+        name, ages, defaulted = model.name, scored.ages_ms, scored.defaulted
+        for i, (out, version) in enumerate(zip(scored.predictions, scored.versions, strict=True)):
             prediction_id = f"{prefix}{next(ids):010x}"
             prediction_ids.append(prediction_id)
-            p = add(prediction_id=prediction_id, model_name=model.name, model_version=scored.versions[i])
-            if out.score is not None:
-                p.score = out.score
-            if out.label is not None:
-                p.label = out.label
+            # One call per entity: unset optional fields are passed as None.
+            p = add(
+                prediction_id=prediction_id,
+                model_name=name,
+                model_version=version,
+                score=out.score,
+                label=out.label,
+                feature_age_ms=ages[i],
+            )
             if out.ranked_items:
                 p.ranked_items.extend(out.ranked_items)
-            if scored.ages_ms[i] is not None:
-                p.feature_age_ms = scored.ages_ms[i]
-            if scored.defaulted[i]:
-                p.defaulted_features.extend(scored.defaulted[i])
+            if defaulted[i]:
+                p.defaulted_features.extend(defaulted[i])
         entity_keys = [entity_label(k, model.entity_keys) for k in keys]
         latency_us = int((time.perf_counter() - started) * 1e6)
         self.events.submit(
