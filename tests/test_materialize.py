@@ -4,8 +4,9 @@ Hand-written feature updates in a real lake (the sink's ``LakeWriter``), read ba
 embedded offline store, written to a real LMDB. What is checked: the latest update per entity
 is the one with the greatest event time, then write time, then lake position (partition,
 offset); only the feature set's current version and the range ``[start, end)`` count; nulls
-and missing values read back as None; the TTL runs from the event time; values the online
-store holds that are newer are kept.
+and missing values read back as None; counts read back as integers, as the stream writes them
+(the lake holds doubles); the TTL runs from the event time; values the online store holds
+that are newer are kept.
 """
 
 from __future__ import annotations
@@ -111,8 +112,9 @@ def test_the_latest_update_wins_by_event_time_then_write_time_then_lake_position
     }
     assert got["in-range"][0] == T0 + 99 and got["by-event-time"] == (
         T0 + 20,
-        {"n_1h": 2.0, "item_1h": "new"},
+        {"n_1h": 2, "item_1h": "new"},
     )
+    assert type(got["by-event-time"][1]["n_1h"]) is int  # a count, as the stream writes it
     assert online(settings, ["nulls", "other-version", "other-set"], T0) == {
         "nulls": (T0 + 20, {"n_1h": None, "item_1h": None}),
         "other-version": (None, {"n_1h": None, "item_1h": None}),
@@ -131,7 +133,7 @@ def test_ttl_from_the_event_time_and_newer_online_values_kept(settings: Settings
     assert (result.entities, result.written) == (50, 49)  # u8's tie: the materialized value wins
     got = online(settings, [f"u{i}" for i in range(50)], T0 + 10)
     assert got.pop("u7") == (T0 + 1000, {"n_1h": -1, "item_1h": None})
-    assert got == {f"u{i}": (T0 + i, {"n_1h": float(i), "item_1h": f"i{i}"}) for i in range(50) if i != 7}
+    assert got == {f"u{i}": (T0 + i, {"n_1h": i, "item_1h": f"i{i}"}) for i in range(50) if i != 7}
     # FS's TTL is its longest window (1h), from each value's event time.
     assert online(settings, ["u3"], T0 + 3 + HOUR - 1)["u3"][0] == T0 + 3
     assert online(settings, ["u3"], T0 + 3 + HOUR)["u3"][0] is None
@@ -153,3 +155,16 @@ def test_an_empty_range_writes_nothing_and_unknown_features_are_reported(setting
     )
     with pytest.raises(NotFoundError, match="mat:n_2h"):
         materialize(settings, FeatureRepository([wider]), "mat", T0, T0 + 1)
+
+
+def test_a_long_feature_with_a_fraction_in_the_lake_is_written_as_read(settings: Settings) -> None:
+    archive(
+        settings,
+        [
+            (0, 0, update("whole", T0, T0, {"n_1h": 3, "item_1h": "x"})),
+            (0, 1, update("odd", T0, T0, {"n_1h": 2.5, "item_1h": "y"})),
+        ],
+    )
+    materialize(settings, FeatureRepository([FS]), "mat", T0, T0 + 1)
+    got = online(settings, ["whole", "odd"], T0)
+    assert [got[k][1]["n_1h"] for k in ("whole", "odd")] == [3.0, 2.5]  # not truncated to 2
