@@ -7,22 +7,32 @@ creates, in a database of its own, one view per topic::
 
     CREATE VIEW clicks AS SELECT * FROM file('<lake>/clicks/*/*.parquet', Parquet, '<columns>')
 
+Views are made on first use: before a statement that names the table (any statement naming
+``tables``, as ``SHOW TABLES``, gets them all). Each costs ~2 ms, and most uses name one or
+two of the eleven (``materialize`` none: it reads ``relation()``).
+
 The glob is expanded at every query, so a view sees the files the lake sink wrote after it
 was created, and the explicit columns (from the Avro schema) make a topic without files an
 empty table with the right columns. Files being written have temporary names that the glob
 does not match, so any number of processes query while the sink writes.
 
 Only one chdb engine can exist per process: every chdb use in a Headwater process goes
-through :class:`ChdbOfflineStore` (stores share the engine, each has its own database).
+through :class:`ChdbOfflineStore` (stores share the engine, each has its own session and
+database). chdb starts the engine with the first session and stops it with the last (~25 ms
+each way), so the first store also opens a session that stays until the process exits:
+later stores (a backfill, then a materialize; a test run's hundreds) find the engine running.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
+import re
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +62,24 @@ _SESSION_SETTINGS = {
 }
 _GLOB_CHARS = set("*?{}[]")
 _counter = itertools.count()
+_ALL_VIEWS = re.compile(r"\btables\b", re.IGNORECASE)  # SHOW TABLES, system.tables: list them all
+
+# The session that keeps this process's engine running (see the module's docstring), by pid:
+# a forked child must not close its parent's.
+_engine: dict[int, Any] = {}
+_engine_lock = threading.Lock()
+
+
+def _keep_engine(session_type: Any) -> None:
+    with _engine_lock:
+        if os.getpid() not in _engine:
+            _engine[os.getpid()] = keeper = session_type(":memory:")
+            atexit.register(_stop_engine, os.getpid(), keeper)  # removes its /tmp catalog
+
+
+def _stop_engine(pid: int, keeper: Any) -> None:
+    if os.getpid() == pid:
+        keeper.close()
 
 
 def _quote(text: str) -> str:
@@ -77,14 +105,27 @@ class ChdbOfflineStore(OfflineStore):
         }
         self.database = f"headwater_{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
         self._stage_dir = Path(tempfile.mkdtemp(prefix="headwater-stage-"))
+        _keep_engine(Session)
         self._session: Any = Session(":memory:")  # type: ignore[no-untyped-call]
         self._closed = False
-        self.execute(f"CREATE DATABASE IF NOT EXISTS {self.database}")
-        self.execute(f"USE {self.database}")
-        for name, value in _SESSION_SETTINGS.items():
-            self.execute(f"SET {name} = {value}")
-        for table in self._columns:
-            self.execute(f"CREATE OR REPLACE VIEW `{table}` AS SELECT * FROM {self.relation(table)}")
+        self._unmade = {table: re.compile(rf"\b{table}\b") for table in self._columns}  # views
+        self._views_lock = threading.Lock()  # sessions are thread-safe; so is making views
+        setup = [f"CREATE DATABASE IF NOT EXISTS {self.database}", f"USE {self.database}"]
+        setup += [f"SET {name} = {value}" for name, value in _SESSION_SETTINGS.items()]
+        self._run(";\n".join(setup), "CSV", None)  # one call: each costs ~1 ms of its own
+
+    def _make_views(self, sql: str) -> None:
+        """Create the views ``sql`` names (all, if it names ``tables``), once each."""
+        if not self._unmade:
+            return
+        every = _ALL_VIEWS.search(sql) is not None
+        with self._views_lock:
+            named = [table for table, name in self._unmade.items() if every or name.search(sql)]
+            if named:
+                views = (f"CREATE OR REPLACE VIEW `{t}` AS SELECT * FROM {self.relation(t)}" for t in named)
+                self._run(";\n".join(views), "CSV", None)
+                for table in named:
+                    del self._unmade[table]
 
     # -- SQL ----------------------------------------------------------------------------
     def _run(self, sql: str, fmt: str, params: Mapping[str, Any] | None) -> Any:
@@ -97,6 +138,7 @@ class ChdbOfflineStore(OfflineStore):
             raise QueryError(f"{exc}\n  in query: {head}") from exc
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
+        self._make_views(sql)
         result = self._run(sql, "Arrow", params)
         if result is None or not result.size():
             return pa.table({})  # statements without a result
@@ -108,6 +150,7 @@ class ChdbOfflineStore(OfflineStore):
         return pa.ipc.open_file(data).read_all()
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        self._make_views(sql)
         self._run(sql, "CSV", params)
 
     # -- tables -------------------------------------------------------------------------
@@ -159,7 +202,7 @@ class ChdbOfflineStore(OfflineStore):
         if self._closed:
             return
         try:
-            self.execute(f"DROP DATABASE IF EXISTS {self.database}")
+            self._run(f"DROP DATABASE IF EXISTS {self.database}", "CSV", None)
         finally:
             self._closed = True
             self._session.close()

@@ -96,6 +96,26 @@ def test_stores_in_one_process_are_independent(
         assert (_count(a, "clicks"), _count(b, "clicks")) == (1, 0)
 
 
+def test_views_are_made_when_a_statement_names_them(store: OfflineStore, writer: LakeWriter) -> None:
+    writer.write("clicks", [(0, 0, click(0))])
+    # A view of the user's over a topic's view, and a column or a path named like a topic: all work.
+    store.execute("CREATE VIEW mine AS SELECT user_id FROM clicks")
+    assert store.query("SELECT count() AS n FROM mine").column("n")[0].as_py() == 1
+    assert store.query("SELECT 1 AS outcomes_seen FROM feature_updates").num_rows == 0
+    listed = store.query("SHOW TABLES").column("name").to_pylist()
+    assert sorted(listed) == sorted([*store.tables(), "mine"])
+
+
+def test_stores_opened_one_after_another_start_clean(lake_settings: Settings, catalog: SchemaCatalog) -> None:
+    # The engine outlives the stores; each store's session, database and settings are its own.
+    for _ in range(3):
+        with open_offline_store(lake_settings, catalog) as s:
+            s.execute("CREATE TEMPORARY TABLE t (x Int32) ENGINE = Memory")
+            s.execute("INSERT INTO t VALUES (1)")
+            assert _count(s, "t") == 1
+            assert _count(s, "clicks") == 0
+
+
 def writer_settings(writer: LakeWriter) -> Settings:
     from headwater.settings import load_settings
 
