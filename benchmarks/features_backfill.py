@@ -25,7 +25,7 @@ entity's latest row to its SQLite online store. That is the same job as Headwate
 write: Feast does not compute features from raw events. Both sides' values are compared on
 probe entities.
 
-Target (issue 3): >= 100x faster than ``feast materialize`` (about 80 s here) on the same job
+Target (issue 3): >= 100x faster than ``feast materialize`` (50-57 s here) on the same job
 (materialize: offline store -> online store). The end-to-end figure (computing from raw
 events, which Feast does not do) is printed against the same bar, for honesty.
 """

@@ -3,7 +3,7 @@ behind :func:`serving.online_store.columnar.encode_columns` (whose docstring giv
 
 A column becomes :class:`Cells`, one per entity: the value's msgpack bytes (tag, then
 big-endian payload) and their length. :func:`encode_rows` lays the records out in one buffer,
-each its cells concatenated, and Arrow slices that into ``bytes``.
+each its cells concatenated, and wraps it in an Arrow binary array (one record per row).
 """
 
 from __future__ import annotations
@@ -247,8 +247,8 @@ def _matrix(n: int, run: list[Cells]) -> U8:
     return matrix
 
 
-def encode_rows(n: int, cells: list[Cells], order: I64 | None = None) -> list[bytes]:
-    """One record per row, its cells concatenated, all in one buffer that Arrow slices.
+def encode_rows(n: int, cells: list[Cells], order: I64 | None = None) -> pa.LargeBinaryArray:
+    """One record per row, its cells concatenated, all in one buffer: an Arrow binary array.
 
     With ``order``, the records of rows ``order[0], order[1], ...`` come out in that order:
     the buffer is laid out that way, only the offsets the cells are written at change.
@@ -283,8 +283,7 @@ def encode_rows(n: int, cells: list[Cells], order: I64 | None = None) -> list[by
                 width = matrix.shape[1]
                 _at(flat, f"V{width}")[at] = matrix.view(f"V{width}")[:, 0]
                 at += width
-    binary = pa.LargeBinaryArray.from_buffers(
+    records: pa.LargeBinaryArray = pa.LargeBinaryArray.from_buffers(
         pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(flat)]
     )
-    records: list[bytes] = binary.to_pylist()
     return records

@@ -6,8 +6,9 @@ processes (a mutex in the lock file), so the read-compare-write of newer-wins in
 transaction is atomic with no retry loop. Readers never block and are never blocked: each
 ``get_batch`` opens a fresh read transaction, which sees every write committed before it.
 ``put_columns`` (backfills) does the same in one transaction for a whole column batch,
-encoded vectorised: one multi-get of the stored records, one multi-put in key order; into a
-feature set the store holds nothing of, no lookups, and an append when its keys come last.
+encoded vectorised, then a slice of records at a time: one multi-get of the stored records,
+one multi-put in key order; into a feature set the store holds nothing of, no lookups, and an
+append when its keys come last.
 
 Keys are ``<feature set> NUL <entity key>`` in the one unnamed database, values the shared
 record format of :mod:`serving.online_store.codec`; schemas live under ``#schema NUL <id>``
@@ -39,6 +40,8 @@ from serving.online_store.codec import RecordCodec, event_time_of
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from serving.online_store.cells import I64
 
 __all__ = ["LmdbOnlineStore"]
 
@@ -163,8 +166,6 @@ class LmdbOnlineStore(OnlineStore):
         write_time_ms: int | None = None,
     ) -> int:
         env = self._live_env()
-        import numpy as np
-        import pyarrow as pa
         import pyarrow.compute as pc
 
         from serving.online_store.columnar import encode_columns
@@ -178,7 +179,7 @@ class LmdbOnlineStore(OnlineStore):
             ttl_s=ttl_s,
             write_time_ms=write_time_ms,
         )
-        if not batch.records:
+        if not len(batch):
             return 0
         prefix = feature_set.encode() + b"\0"
         sizes = pc.binary_length(batch.keys)
@@ -190,7 +191,7 @@ class LmdbOnlineStore(OnlineStore):
                 f"LMDB allows {MAX_KEY_BYTES}: shorten the entity key"
             )
         key_array = batch.store_keys(prefix)  # sorted, distinct
-        keys: list[bytes] = key_array.to_pylist()
+        written = 0
         try:
             with env.begin(write=True) as txn:
                 for schema_id, names in batch.schemas.items():
@@ -199,26 +200,24 @@ class LmdbOnlineStore(OnlineStore):
                 # Newer-wins inside the write transaction, as put_batch. Where the store holds no
                 # key of this feature set there is nothing to compare, and when no key follows
                 # them either, the sorted keys are appended (MDB_APPEND: no search, full pages).
+                # The records go a slice at a time (see columnar.SLICE_ROWS), in this transaction.
+                compare = append = False
                 if not cursor.set_range(prefix):
-                    return _put_sorted(cursor, keys, batch.records, append=True)
-                if not cursor.key().startswith(prefix):
-                    return _put_sorted(cursor, keys, batch.records, append=False)
-                newer = list(zip(keys, batch.records, strict=True))
-                found = cursor.getmulti(keys)
-                if found:  # stored event times are the records' first 8 bytes (see codec)
-                    stored = np.frombuffer(b"".join([record[:8] for _, record in found]), ">i8")
-                    found_keys = pa.array([key for key, _ in found], pa.binary())
-                    at = pc.index_in(found_keys, value_set=key_array).to_numpy()
-                    write = np.ones(len(keys), bool)
-                    write[at[stored > batch.event_times[at]]] = False  # stored values are newer
-                    if not write.all():
-                        newer = list(itertools.compress(newer, write.tolist()))
-                cursor.putmulti(newer)
+                    append = True
+                elif cursor.key().startswith(prefix):
+                    compare = True
+                for start, records in batch.slices():
+                    keys = key_array.slice(start, len(records))
+                    if compare:
+                        times = batch.event_times[start : start + len(records)]
+                        written += _put_newer(cursor, keys, records, times)
+                    else:
+                        written += _put_sorted(cursor, keys.to_pylist(), records, append=append)
         except lmdb.MapFullError as exc:
             raise self._full() from exc
         except lmdb.Error as exc:
             raise OnlineStoreError(f"LMDB write to {self.path} failed: {exc}") from exc
-        return len(newer)
+        return written
 
     def _full(self) -> OnlineStoreError:
         return OnlineStoreError(
@@ -283,6 +282,27 @@ class LmdbOnlineStore(OnlineStore):
         if self._env is not None:
             _release_env(self._env)
             self._env = None
+
+
+def _put_newer(cursor: lmdb.Cursor, key_array: pa.Array, records: list[bytes], times: I64) -> int:
+    """Write the sorted, distinct keys whose stored record (if any) is not newer than theirs."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keys: list[bytes] = key_array.to_pylist()
+    newer = list(zip(keys, records, strict=True))
+    found = cursor.getmulti(keys)
+    if found:  # stored event times are the records' first 8 bytes (see codec)
+        stored = np.frombuffer(b"".join([record[:8] for _, record in found]), ">i8")
+        found_keys = pa.array([key for key, _ in found], pa.binary())
+        at = pc.index_in(found_keys, value_set=key_array).to_numpy()
+        write = np.ones(len(keys), bool)
+        write[at[stored > times[at]]] = False  # stored values are newer
+        if not write.all():
+            newer = list(itertools.compress(newer, write.tolist()))
+    cursor.putmulti(newer)
+    return len(newer)
 
 
 def _put_sorted(cursor: lmdb.Cursor, keys: list[bytes], records: list[bytes], *, append: bool) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from serving.online_store import columnar
 from serving.online_store import lmdb as lmdb_store
 from serving.online_store.lmdb import LmdbOnlineStore, _put_sorted
 
@@ -87,6 +88,20 @@ def test_newer_stored_values_are_kept(tmp_path: Path) -> None:
         assert store.put_columns("fs", _table(T0 + 5)) == len(KEYS) - 3
         assert _values(store, "fs") == {**_expected(T0 + 5), **_expected(T0 + 10, KEYS[:3])}
         assert store.put_columns("fs", _table(T0 + 10)) == len(KEYS)  # ties: the last write wins
+
+
+def test_several_slices_each_path(tmp_path: Path, paths: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(columnar, "SLICE_ROWS", 4)  # records go 4 at a time, in one transaction
+    keys = [f"user-{i:03d}" for i in range(13, -1, -1)]
+    with LmdbOnlineStore(tmp_path / "online", map_size_mb=64) as store:
+        assert store.put_columns("mm", _table(T0 + 1, keys)) == len(keys)  # appended
+        assert store.put_columns("aa", _table(T0 + 2, keys)) == len(keys)  # inserted
+        assert paths == ["append"] * 4 + ["insert"] * 4
+        newer = keys[::3]  # stored newer than the next batch, in every slice of it
+        store.put_columns("mm", _table(T0 + 9, newer))
+        assert store.put_columns("mm", _table(T0 + 5, keys)) == len(keys) - len(newer)
+        assert _values(store, "aa", keys) == _expected(T0 + 2, keys)
+        assert _values(store, "mm", keys) == {**_expected(T0 + 5, keys), **_expected(T0 + 9, newer)}
 
 
 def test_an_append_lmdb_refuses_is_written_in_place(tmp_path: Path) -> None:
