@@ -249,9 +249,26 @@ class _Trees(Scorer):
     def compile_native(self, native_dir: Path) -> None:
         """Serve batches from the trees compiled to a shared library (cached in ``native_dir``)."""
         try:
-            self._native = _NativeTrees.load(self._trees, self._baseline, self._n_features, native_dir)
+            native = _NativeTrees.load(self._trees, self._baseline, self._n_features, native_dir)
+            probe = self._probe()
+            if native(probe).tolist() != self._raw_walk(probe).tolist():
+                raise ValueError(f"{native.libpath.name} scores differently from scikit-learn's walk")
+            self._native = native
         except Exception as exc:  # no gcc, a read-only directory...: the Cython walk still serves
             log.warning("trees_not_compiled reason=%s: batches use scikit-learn's tree walk", exc)
+
+    def _probe(self) -> np.ndarray:
+        """Rows on both sides of every threshold, and missing values: a check that a cached
+        library (by its name, the trees' digest) holds these trees, run at every load."""
+        rng = np.random.default_rng(0)
+        thresholds = np.concatenate([n["num_threshold"][~n["is_leaf"].astype(bool)] for n, _ in self._trees])
+        if not thresholds.size:
+            thresholds = np.zeros(1)
+        x: np.ndarray = rng.choice(thresholds, size=(256, self._n_features)) + rng.choice(
+            [-1e-9, 0.0, 1e-9], (256, 1)
+        )
+        x[rng.random(x.shape) < 0.1] = np.nan
+        return x
 
 
 class _NativeTrees:

@@ -101,6 +101,27 @@ def test_trees_compiled_to_machine_code_equal_scikit_learn_and_are_cached(tmp_pa
     assert again(test).tolist() == reference_scores(models[0][0], "classification", test).tolist()
 
 
+def test_a_cached_library_that_holds_other_trees_is_not_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    x, y, _ = data(8)
+    first = HistGradientBoostingClassifier(max_iter=20, random_state=0, early_stopping=False).fit(x, y)
+    second = HistGradientBoostingClassifier(max_iter=20, random_state=1, early_stopping=False).fit(
+        x[::2], y[::2]
+    )
+    compile_scorer(first, "classification", native_dir=tmp_path / "a")
+    compile_scorer(second, "classification", native_dir=tmp_path / "b")
+    (library,) = (tmp_path / "a").glob("trees-*.so")
+    (other,) = (tmp_path / "b").glob("trees-*.so")
+    (tmp_path / "c").mkdir()  # a path not loaded yet (the loader reuses a loaded path's library)
+    (tmp_path / "c" / library.name).write_bytes(other.read_bytes())  # the first's name, the second's trees
+    scorer = compile_scorer(first, "classification", native_dir=tmp_path / "c")
+    assert scorer._native is None  # type: ignore[attr-defined]
+    assert "scores differently" in caplog.text
+    test = probes(8)[:200]
+    assert scorer(test).tolist() == reference_scores(first, "classification", test).tolist()
+
+
 def test_trees_fall_back_to_the_walk_when_they_cannot_be_compiled(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
