@@ -38,19 +38,6 @@ def _string(s: str) -> bytes:
     return _varint(len(b)) + b
 
 
-#: Avro length prefixes of strings shorter than 64 bytes (one varint byte), by length.
-_SHORT = [_varint(k) for k in range(64)]
-
-
-def _strings(values: Sequence[str]) -> list[bytes]:
-    """Avro strings, many at once (ids and keys: one per entity)."""
-    out = []
-    for value in values:
-        b = value.encode()
-        out.append(_SHORT[len(b)] + b if len(b) < 64 else _varint(len(b)) + b)
-    return out
-
-
 def _opt_string(s: str | None) -> bytes:
     return _NULL if s is None else b"\x02" + _string(s)
 
@@ -120,8 +107,8 @@ class PredictionEncoder:
         )
         event_time = _varint(batch.event_time_ms)
         header = self.header
-        ids = _strings(batch.prediction_ids)
-        keys = _strings(batch.entity_keys)
+        ids = [_string(p) for p in batch.prediction_ids]
+        keys = [_string(k) for k in batch.entity_keys]
         if batch.versions is None:
             heads = [event_time + name + _varint(batch.model_version) + ref] * n
         else:
