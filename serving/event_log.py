@@ -1,40 +1,113 @@
-"""The event log of the prediction service: a bounded buffer drained by a background thread.
+"""The event log of the prediction service: a bounded buffer, drained by a sender process.
 
-Requests never wait for Kafka. A handler appends one :class:`~serving.events.PredictionBatch`
-per call to the buffer (a deque append) and returns; the ``event-log`` thread encodes one
-``prediction`` event per entity (:class:`~serving.events.PredictionEncoder`) and hands them to
-the :class:`~streams.producer.EventProducer`. Nothing blocks, and every loss is counted in
+Requests never wait for Kafka. A handler submits one :class:`~serving.events.PredictionBatch`
+per call: it is pickled (tens of microseconds for 100 entities) and queued; the event loop
+writes the queue into a pipe to the sender process (:mod:`serving.event_sender`) between
+requests, and that process encodes one ``prediction`` event per entity and hands them to
+librdkafka, off this process's GIL. Nothing blocks, and every loss is counted in
 ``headwater_serving_events_dropped_total`` while requests keep being answered:
-``buffer_full`` when this buffer is full (the thread cannot keep up), ``broker`` when
-librdkafka's own bounded queue is full (the broker is down) or it gave up delivering a
-record (``message.timeout.ms``), ``encode`` if a batch could not be encoded.
+``buffer_full`` when more events than ``capacity`` are waiting (the sender cannot keep up),
+``broker`` when librdkafka's own bounded queue is full (the broker is down) or it gave up
+delivering a record (``message.timeout.ms``), ``encode`` if a batch could not be encoded,
+``sender`` for what a sender process that died had not sent (a new one is started).
 
-Alerts (a model that failed to load) go through the same thread.
+Alerts (a model that failed to load) go the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import os
+import pickle
+import select
+import subprocess
+import sys
 import threading
+import time
+import weakref
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
+from headwater.errors import HeadwaterError
 from headwater.settings import Settings
+from serving.event_sender import FRAME
 from serving.events import PredictionBatch, PredictionEncoder
 from serving.metrics import ServingMetrics
-from streams.producer import EventProducer
-from streams.serde import Serde
-from streams.topics import TopicCatalog
 
 __all__ = ["EventLog"]
 
 log = logging.getLogger(__name__)
 
-# Calls drained per turn: on the event loop a turn must stay short (requests wait behind it).
-_LOOP_BUDGET = 64
-_THREAD_BUDGET = 1024
-_PREDICTION_HEADERS: list[tuple[str, str | bytes | None]] = [("event_type", b"prediction")]
+_PIPE_BYTES = 1 << 20  # ~20 100-entity calls in flight to the sender
+
+
+@dataclass(slots=True)
+class _Frame:
+    kind: str
+    data: bytes | memoryview
+    started: bool = False  # partly written
+
+
+class _Sender:
+    """One sender process and the pipes to it; its running totals as last reported."""
+
+    def __init__(self, config: bytes) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serving.event_sender"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: the default 64 KiB
+            fcntl.fcntl(self.stdin, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        os.write(self.stdin, config)  # before non-blocking: it fits in any pipe
+        os.set_blocking(self.stdin, False)
+        os.set_blocking(self.stdout, False)
+        self.encoder_ids: weakref.WeakKeyDictionary[PredictionEncoder, int] = weakref.WeakKeyDictionary()
+        self.totals = (0, 0, 0)  # delivered, broker, encode
+        self.ready = False
+        self._partial = b""
+
+    def read_reports(self) -> bool:
+        """Take the newest report; False at end of file (the process ended)."""
+        data = b""
+        while True:
+            try:
+                chunk = os.read(self.stdout, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                self._take(data)
+                return False
+            data += chunk
+        self._take(data)
+        return True
+
+    def _take(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines[-1]
+        for line in reversed(lines[:-1]):
+            if line:
+                delivered, broker, encode = (int(x) for x in line.split())
+                self.totals = (delivered, broker, encode)
+                self.ready = True
+                return
+
+    def wait_reports(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for output and take it; False at end of file."""
+        select.select([self.stdout], [], [], max(0.0, timeout_s))
+        return self.read_reports()
+
+    def close_input(self) -> None:
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
 
 
 class EventLog:
@@ -43,55 +116,75 @@ class EventLog:
     def __init__(
         self,
         settings: Settings,
-        serde: Serde,
         metrics: ServingMetrics,
         *,
         capacity: int,
         producer_config: dict[str, Any] | None = None,
         drain_interval_s: float = 0.005,
+        flush_timeout_s: float = 5.0,
+        restart_interval_s: float = 5.0,
     ) -> None:
         self.capacity = capacity
         self.metrics = metrics
-        self._serde = serde
-        self._settings = settings
-        self._producer_config = {
+        self.drain_interval_s = drain_interval_s
+        self.flush_timeout_s = flush_timeout_s
+        producer_config = {
             # librdkafka's own queue is bounded too, so a dead broker fills ours and we count drops.
             "queue.buffering.max.messages": max(1000, capacity),
             "message.timeout.ms": 30_000,
             "linger.ms": 20,  # larger batches: less of librdkafka's CPU per event; nobody waits on them
             # Reports for failed deliveries only: one Python callback per event sent costs ~1 us
-            # of the event loop's time for nothing (only failures are counted).
+            # for nothing (only failures are counted).
             "delivery.report.only.error": True,
             **(producer_config or {}),
         }
-        self._topic = TopicCatalog(settings).name("predictions")
-        self._queue: deque[tuple[PredictionEncoder, PredictionBatch] | dict[str, Any]] = deque()
-        # Submitted (under _submit_lock) minus drained (event-log thread only): the backlog.
-        self._submit_lock = threading.Lock()
+        config = pickle.dumps(
+            (
+                "config",
+                settings.model_dump(mode="json"),
+                producer_config,
+                flush_timeout_s,
+                log.getEffectiveLevel(),
+            )
+        )
+        self._config = FRAME.pack(len(config)) + config
+        self._lock = threading.Lock()  # the request path and the shadow thread both submit
+        self._pending: deque[_Frame] = deque()
         self._submitted = 0
-        self._drained = 0
+        self._base = (0, 0, 0)  # delivered, broker, encode: the totals of senders that ended
+        self._lost = 0  # events a sender that died had not sent
+        self._counted = (0, 0, 0)  # delivered, broker, encode already added to the metrics
         self.dropped = 0  # buffer full
         self._dropped_counter = metrics.events_dropped.labels("buffer_full")
-        self.failed = 0  # event-log thread (encode errors, deliveries that failed)
+        self.failed = 0  # broker, encode and sender losses
         self.sent = 0
-        self.drain_interval_s = drain_interval_s
-        self._failed_seen = 0
+        self.restart_interval_s = restart_interval_s
+        self._sender: _Sender | None = None
+        self._restart_at = 0.0  # a sender that died is replaced, at most once per interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.Handle | None = None
-        self._producer: EventProducer | None = None
 
     @property
     def backlog(self) -> int:
-        return self._submitted - self._drained
+        """Events submitted and neither delivered nor counted as lost."""
+        return self._submitted - self.sent - self.failed
 
-    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> EventLog:
-        """Drain on ``loop`` (a callback every few ms, between requests), else on a thread of its own."""
-        if self._producer is None:
-            self._producer = EventProducer(
-                self._settings, self._serde, client_id="serving", config=self._producer_config
-            )
+    def start(self, loop: asyncio.AbstractEventLoop | None = None, timeout_s: float = 60.0) -> EventLog:
+        """Start the sender (wait until it runs); pump on ``loop`` every few ms, else on a thread."""
+        if self._sender is None:
+            self._spawn()
+            sender = self._sender
+            assert sender is not None
+            deadline = time.monotonic() + timeout_s
+            while not sender.ready:
+                if not sender.wait_reports(deadline - time.monotonic()) or time.monotonic() > deadline:
+                    sender.proc.kill()
+                    raise HeadwaterError(
+                        f"the event log's sender process did not start (exit {sender.proc.wait()}; "
+                        "its log is above)"
+                    )
             if loop is not None:
                 self._loop = loop
                 self._timer = loop.call_soon_threadsafe(self._tick)
@@ -100,102 +193,151 @@ class EventLog:
                 self._thread.start()
         return self
 
+    def _spawn(self) -> None:
+        self._sender = _Sender(self._config)
+        self._restart_at = time.monotonic() + self.restart_interval_s
+
     def submit(self, encoder: PredictionEncoder, batch: PredictionBatch) -> bool:
         """Queue the events of one call; False (and counted) when the buffer is full."""
         n = len(batch.entity_keys)
-        with self._submit_lock:  # the request thread and the shadow thread both submit
-            if self._submitted - self._drained + n > self.capacity:
+        with self._lock:
+            if self._sender is None:  # it died, and its replacement is not due yet
+                self._submitted += n
+                self._lost += n
+                self.failed += n
+                self.metrics.events_dropped.labels("sender").inc(n)
+                return False
+            if self.backlog + n > self.capacity:
                 self.dropped += n
                 self._dropped_counter.inc(n)
                 return False
+            ids = self._sender.encoder_ids
+            eid = ids.get(encoder)
+            if eid is None:
+                eid = ids[encoder] = len(ids) + 1
+                self._frame("encoder", eid, encoder.header, encoder.columns, encoder.groups.tolist())
+            self._frame("batch", eid, batch)
             self._submitted += n
-        self._queue.append((encoder, batch))
         return True
 
     def alert(self, record: dict[str, Any]) -> None:
         """Queue an ``alert`` event (never dropped: alerts are rare and matter)."""
-        self._queue.append(record)
+        with self._lock:
+            self._frame("alert", record)
+
+    def _frame(self, kind: str, *fields: Any) -> None:
+        body = pickle.dumps((kind, *fields), protocol=pickle.HIGHEST_PROTOCOL)
+        self._pending.append(_Frame(kind, FRAME.pack(len(body)) + body))
 
     def _tick(self) -> None:
-        """One drain on the event loop, then the next one scheduled."""
-        self.drain(_LOOP_BUDGET)
+        """One pump on the event loop, then the next one scheduled."""
+        self.pump()
         if not self._stop.is_set() and self._loop is not None:
-            self._timer = self._loop.call_later(0 if self._queue else self.drain_interval_s, self._tick)
+            self._timer = self._loop.call_later(self.drain_interval_s, self._tick)
 
     def _run(self) -> None:
-        while True:
-            if not self.drain(_THREAD_BUDGET):
-                if self._stop.is_set():
-                    return
-                self._stop.wait(self.drain_interval_s)
+        while not self._stop.is_set():
+            self.pump()
+            self._stop.wait(self.drain_interval_s)
 
-    def drain(self, budget: int) -> int:
-        """Encode and queue up to ``budget`` calls' events in librdkafka; how many calls were handled."""
-        queue, producer = self._queue, self._producer
-        assert producer is not None
-        done = 0
-        while queue and done < budget:
-            item = queue.popleft()
-            done += 1
-            if isinstance(item, dict):
-                self._send_alert(producer, item)
-                continue
-            self._produce(producer, *item)
-        producer.poll()
-        if producer.failed != self._failed_seen:  # deliveries librdkafka gave up on
-            lost = producer.failed - self._failed_seen
-            self._failed_seen = producer.failed
-            self.failed += lost
-            self.metrics.events_dropped.labels("broker").inc(lost)
-        self.metrics.event_backlog.set(self.backlog)
-        return done
-
-    def _produce(self, producer: EventProducer, encoder: PredictionEncoder, batch: PredictionBatch) -> None:
-        n = len(batch.entity_keys)
-        try:
-            values = encoder.encode(batch)
-        except Exception:  # a bug must cost events, never the service
-            log.exception(
-                "encoding %d prediction events of %s v%d failed", n, batch.model_name, batch.model_version
-            )
-            self.failed += n
-            self.metrics.events_dropped.labels("encode").inc(n)
-            self._drained += n
+    def pump(self) -> None:
+        """Write what is queued into the pipe (as much as fits), then take the sender's report."""
+        sender = self._sender
+        if sender is None:
+            if not self._stop.is_set() and time.monotonic() >= self._restart_at:
+                with self._lock:
+                    self._spawn()
             return
-        refused = producer.try_send_many(self._topic, values, batch.entity_keys, headers=_PREDICTION_HEADERS)
-        self._drained += n
-        self.sent += n - refused
-        self.metrics.events_sent.inc(n - refused)
-        if refused:
-            self.failed += refused
-            self.metrics.events_dropped.labels("broker").inc(refused)
+        with self._lock:
+            alive = self._write(sender) and sender.read_reports()
+            if not alive:
+                alive = sender.proc.poll() is None
+            self._account(sender)
+            if not alive and not self._stop.is_set():
+                self._restart(sender)
+        self.metrics.event_backlog.set(self.backlog)
 
-    def _send_alert(self, producer: EventProducer, record: dict[str, Any]) -> None:
-        try:
-            producer.send("alerts", record)
-        except Exception:
-            log.exception("could not send alert %s", record.get("kind"))
+    def _write(self, sender: _Sender) -> bool:
+        pending = self._pending
+        while pending:
+            head = pending[0]
+            try:
+                written = os.write(sender.stdin, head.data)
+            except BlockingIOError:
+                return True
+            except OSError:  # BrokenPipeError: the process ended
+                return False
+            if written == len(head.data):
+                pending.popleft()
+            else:
+                head.data = memoryview(head.data)[written:]
+                head.started = True
+        return True
+
+    def _account(self, sender: _Sender) -> None:
+        """Counts and metrics from the sender's running totals."""
+        sent, broker, encode = (b + t for b, t in zip(self._base, sender.totals, strict=True))
+        done_sent, done_broker, done_encode = self._counted
+        if sent > done_sent:
+            self.metrics.events_sent.inc(sent - done_sent)
+        if broker > done_broker:
+            self.metrics.events_dropped.labels("broker").inc(broker - done_broker)
+        if encode > done_encode:
+            self.metrics.events_dropped.labels("encode").inc(encode - done_encode)
+        self._counted = (sent, broker, encode)
+        self.sent = sent
+        self.failed = broker + encode + self._lost
+
+    def _restart(self, sender: _Sender) -> None:
+        """The sender died: what it had not delivered is lost (counted); a new one takes over."""
+        code = sender.proc.wait()
+        self._account(sender)
+        self._base = self._counted
+        lost = self.backlog  # in its pipe, its memory or librdkafka's queue, or still queued here
+        log.error("the event log's sender process ended (exit %s): %d events lost", code, lost)
+        self._lost += lost
+        self.failed += lost
+        self.metrics.events_dropped.labels("sender").inc(lost)
+        # Batches and encoders were for the old process (their loss is counted above); a frame
+        # half written to it cannot be finished. Alerts go to the next one.
+        self._pending = deque(f for f in self._pending if f.kind == "alert" and not f.started)
+        self._sender = None
+        if time.monotonic() >= self._restart_at:
+            self._spawn()
+        else:  # it died soon after its start: a new one in a while, not in a loop
+            log.error(
+                "a new sender in %.1fs; events are dropped until then", self._restart_at - time.monotonic()
+            )
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stop draining, hand what is queued to the producer, flush it (up to 5 s).
+        """Stop pumping, hand what is queued to the sender, let it flush (up to ``timeout_s``).
 
         In loop mode, call it on the loop's thread (the server does)."""
         self._stop.set()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-            if self._producer is not None:
-                while self.drain(_THREAD_BUDGET):
-                    pass
         if self._thread is not None:
             self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                log.warning(
-                    "event log still sending after %.0fs (broker down?); %d events not sent",
-                    timeout_s,
-                    self.backlog,
-                )
             self._thread = None
-        if self._producer is not None:
-            self._producer.close()
-            self._producer = None
+        sender = self._sender
+        if sender is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        os.set_blocking(sender.stdin, True)
+        with self._lock:
+            self._write(sender)
+        sender.close_input()
+        end = deadline + self.flush_timeout_s
+        while sender.wait_reports(end - time.monotonic()) and time.monotonic() < end:
+            pass
+        try:
+            sender.proc.wait(max(0.1, deadline + self.flush_timeout_s - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            sender.proc.kill()
+            sender.proc.wait()
+        with self._lock:
+            self._account(sender)
+        if self.backlog:
+            log.warning("event log closed with %d events not sent (broker down?)", self.backlog)
+        self._sender = None

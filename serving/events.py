@@ -1,8 +1,9 @@
 """Prediction events, encoded a request at a time off the request path.
 
 The request path hands over one :class:`PredictionBatch` per call (the model's input matrix,
-per-entity outputs, event times per feature set): O(1) work for the handler. The event-log
-thread (:mod:`serving.event_log`) turns it into one ``prediction`` event per entity.
+per-entity outputs, event times per feature set): O(1) work for the handler. The event log
+(:mod:`serving.event_log`) passes it to its sender process (:mod:`serving.event_sender`),
+which turns it into one ``prediction`` event per entity.
 
 Why a dedicated encoder: fastavro takes ~200 µs and the generic compiled fast path
 (:mod:`streams.fastpath`) ~80 µs for a prediction with 50 features, more than a whole

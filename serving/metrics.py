@@ -86,10 +86,12 @@ class ServingMetrics:
             "headwater_serving_model_version", "Version served per model reference", ["ref"], registry=r
         )
         self.event_backlog = Gauge(
-            "headwater_serving_event_backlog", "Prediction events waiting to be sent", registry=r
+            "headwater_serving_event_backlog",
+            "Prediction events not delivered yet (queued here, in the sender process or in librdkafka)",
+            registry=r,
         )
         self.events_sent = Counter(
-            "headwater_serving_events_sent_total", "Prediction events handed to the producer", registry=r
+            "headwater_serving_events_sent_total", "Prediction events the broker acknowledged", registry=r
         )
         self.events_dropped = Counter(
             "headwater_serving_events_dropped_total",

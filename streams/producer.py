@@ -160,6 +160,16 @@ class EventProducer:
         if self.failed:
             raise HeadwaterError(f"{self.failed} records failed delivery; last error: {self.last_error}")
 
+    def in_flight(self) -> int:
+        """Records queued in librdkafka and not yet delivered or failed."""
+        return len(self._producer)
+
+    def settle(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for queued records to be delivered, without raising: how many
+        remain (a caller that counts its losses, such as the event log's sender)."""
+        remaining: int = self._producer.flush(timeout_s)
+        return remaining
+
     def close(self) -> None:
         self._producer.flush(5.0)
 
