@@ -215,7 +215,7 @@ class EventLog:
             eid = ids.get(encoder)
             if eid is None:
                 eid = ids[encoder] = len(ids) + 1
-                self._frame("encoder", eid, encoder.header, encoder.columns, encoder.groups.tolist())
+                self._frame("encoder", eid, encoder.header, encoder.columns, encoder.feature_sets)
             self._frame("batch", eid, batch)
             self._submitted += n
         return True

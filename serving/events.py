@@ -7,31 +7,30 @@ which turns it into one ``prediction`` event per entity.
 
 Why a dedicated encoder: fastavro takes ~200 µs and the generic compiled fast path
 (:mod:`streams.fastpath`) ~80 µs for a prediction with 50 features, more than a whole
-request's budget. Within one model version, the features block is the same bytes every time
-except the values, their event times and the defaulted flags: :class:`PredictionEncoder`
-precomputes that block's static bytes once per layout (which feature sets were found, and
-the varint length of their event times) and fills the variable bytes of all the entities of
-a request with a few numpy operations. The output is byte-identical to ``Serde.encode``
-(tests/serving/test_units.py holds it to that), so every consumer reads it as usual.
+request's budget. Since v2 the event carries the model's input row positionally (an Avro
+array of doubles is the row's bytes as numpy holds them) and one event time per feature set,
+so an event differs from the next only in a few fields: :class:`PredictionEncoder` builds
+those per entity and joins the rest once per batch. The output is byte-identical to
+``Serde.encode`` (tests/serving/test_units.py holds it to that), so every consumer reads it
+as usual.
 """
 
 from __future__ import annotations
 
 import struct
-import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from streams.fastpath import _varint
 from streams.serde import MAGIC
 
-__all__ = ["PredictionBatch", "PredictionEncoder", "prediction_header"]
+__all__ = ["PredictionBatch", "PredictionEncoder", "named_features", "prediction_header"]
 
 _DOUBLE = struct.Struct("<d").pack
 _NULL = b"\x00"
-_LITTLE = sys.byteorder == "little"
 
 
 def _string(s: str) -> bytes:
@@ -72,34 +71,31 @@ class PredictionBatch:
 
 
 class PredictionEncoder:
-    """Avro bodies of ``prediction`` events for one model version's columns.
+    """Avro bodies of ``prediction`` events (v2) for one model version's columns.
 
-    ``column_groups[j]`` is the index of the stored feature set column ``j`` comes from
-    (its event time is that set's), or ``-1`` for request fields and on-demand outputs
-    (no event time).
+    ``feature_sets`` are the stored feature sets the version reads, in the order of the
+    columns of ``PredictionBatch.times``.
     """
 
-    def __init__(self, header: bytes, columns: Sequence[str], column_groups: Sequence[int]) -> None:
+    def __init__(self, header: bytes, columns: Sequence[str], feature_sets: Sequence[str]) -> None:
         self.header = header  # MAGIC + fingerprint of the writer schema
         self.columns = list(columns)
         self.column_index = {c: j for j, c in enumerate(self.columns)}
-        self.groups = np.asarray(column_groups, dtype=np.int64)
-        self.n_groups = int(self.groups.max(initial=-1)) + 1
-        self._names = [_string(c) for c in self.columns]
-        self._count = _varint(len(self.columns)) if self.columns else b""
-        self._layouts: dict[tuple[int, ...], _Layout] = {}
+        self.feature_sets = list(feature_sets)
+        self._values_head = _varint(len(self.columns)) if self.columns else b""
+        self._times_head = _varint(len(self.feature_sets)) if self.feature_sets else b""
+        self._set_names = [_string(name) for name in self.feature_sets]
 
     def encode(self, batch: PredictionBatch) -> list[bytes]:
         """One single-object-encoded event per entity of ``batch``, in order.
 
-        Per entity only what differs is built (id, key, features block, score, label); the
-        rest is joined once per batch. ~1 us an entity: 100 events cost less than their
-        ``produce`` calls.
+        Per entity only what differs is built (id, key, values, event times, score, label);
+        the rest is joined once per batch. The values are the input row's bytes as they are in
+        memory (an Avro ``double`` is 8 little-endian bytes).
         """
         n = len(batch.entity_keys)
-        blocks = self._feature_blocks(batch, n)
         name, ref = _string(batch.model_name), _string(batch.model_ref)
-        client = _opt_string(batch.client_id)
+        client = _opt_string(batch.client_id) + _NULL  # and v1's per-name features: empty
         tail = (
             _NULL * 3  # experiment_id, variant, propensity: empty until experiments exist
             + _varint(batch.latency_us)
@@ -114,10 +110,12 @@ class PredictionEncoder:
             heads = [event_time + name + _varint(batch.model_version) + ref] * n
         else:
             heads = [event_time + name + _varint(v) + ref for v in batch.versions]
+        values = self._values(batch.X, n)
+        times = self._times(batch.times, n)
         labels: dict[str | None, bytes] = {}
         out = []
-        for i, score, label, ranked in zip(
-            range(n), batch.scores, batch.labels, batch.ranked_items, strict=True
+        for i, score, label, ranked, defaulted in zip(
+            range(n), batch.scores, batch.labels, batch.ranked_items, batch.defaulted, strict=True
         ):
             label_bytes = labels.get(label)
             if label_bytes is None:
@@ -132,152 +130,78 @@ class PredictionEncoder:
                         heads[i],
                         keys[i],
                         client,
-                        blocks[i],
                         _NULL if score is None else b"\x02" + _DOUBLE(score),
                         label_bytes,
                         _NULL,  # end of ranked_items (or the empty array)
                         tail,
+                        values[i],
+                        times[i],
+                        _int_array(defaulted) if defaulted else _NULL,
                     )
                 )
             )
         return out
 
-    def _feature_blocks(self, batch: PredictionBatch, n: int) -> list[bytes]:
-        """The encoded ``features`` array of each entity."""
+    def _values(self, matrix: np.ndarray, n: int) -> list[bytes]:
+        """The ``feature_values`` array of each entity: the row's float64 bytes, framed."""
         if not self.columns:
             return [_NULL] * n
-        times = batch.times
-        if n == 1:  # the common single-entity call: plain Python beats numpy's per-call overhead
-            return [
-                self._one_block(
-                    batch.X[0].tolist(), times[0].tolist() if times.size else [], batch.defaulted[0]
-                )
-            ]
-        # Per entity and group: 0 when the row was not found (null), else the varint's length.
-        lengths = _varint_lengths(times) if times.size else np.zeros((n, 0), np.int64)
-        blocks: list[bytes] = [b""] * n
-        keys = [tuple(row) for row in lengths.tolist()]
-        by_layout: dict[tuple[int, ...], list[int]] = {}
-        for i, key in enumerate(keys):
-            by_layout.setdefault(key, []).append(i)
-        matrix = np.ascontiguousarray(batch.X, dtype=np.float64)
-        for key, rows in by_layout.items():
-            layout = self._layouts.get(key)
-            if layout is None:
-                layout = self._layouts[key] = _Layout(self, key)
-            idx = np.asarray(rows, dtype=np.int64)
-            defaulted = [batch.defaulted[i] for i in rows]
-            encoded = layout.fill(matrix[idx], times[idx] if times.size else times, defaulted)
-            for i, block in zip(rows, encoded, strict=True):
-                blocks[i] = block
-        return blocks
+        raw = np.ascontiguousarray(matrix, dtype="<f8").tobytes()
+        size, head = 8 * len(self.columns), self._values_head
+        return [head + raw[i * size : (i + 1) * size] + _NULL for i in range(n)]
 
-    def _one_block(self, x: list[float], times: list[int], defaulted: list[int]) -> bytes:
-        ets = [b"\x02" + _varint(t) if t >= 0 else _NULL for t in times]
-        key = tuple(len(e) - 1 if len(e) > 1 else 0 for e in ets)
-        layout = self._layouts.get(key)
-        if layout is None:
-            layout = self._layouts[key] = _Layout(self, key)
-        return layout.fill_one(x, ets, defaulted)
+    def _times(self, times: np.ndarray, n: int) -> list[bytes]:
+        """The ``feature_event_times`` array of each entity (-1 in ``times``: not found, null)."""
+        if not self.feature_sets:
+            return [_NULL] * n
+        names, head = self._set_names, self._times_head
+        seen: dict[tuple[int, ...], bytes] = {}
+        out = []
+        for row in map(tuple, times.tolist()):
+            block = seen.get(row)
+            if block is None:
+                parts = [head]
+                for set_name, t in zip(names, row, strict=True):
+                    parts += (set_name, b"\x02" + _varint(t) if t >= 0 else _NULL)
+                parts.append(_NULL)
+                block = seen[row] = b"".join(parts)
+            out.append(block)
+        return out
 
 
-class _Layout:
-    """The features block for one pattern of found feature sets and event-time lengths."""
+def _int_array(items: Sequence[int]) -> bytes:
+    return _varint(len(items)) + b"".join(map(_varint, items)) + _NULL
 
-    def __init__(self, encoder: PredictionEncoder, lengths: tuple[int, ...]) -> None:
-        self.lengths = lengths
-        static = bytearray(encoder._count)
-        value_at, time_at, flag_at = [], [], []
-        for j, name in enumerate(encoder._names):
-            static += name
-            static += b"\x06"  # the value union's "double" branch
-            value_at.append(len(static))
-            static += bytes(8)
-            g = int(encoder.groups[j])
-            length = lengths[g] if g >= 0 else 0
-            if length:
-                static += b"\x02"  # event_time: the union's "long" branch
-                time_at.append((len(static), g, length))
-                static += bytes(length)
-            else:
-                static += _NULL
-            flag_at.append(len(static))
-            static += b"\x00"
-        static += _NULL  # end of the array
-        self._init_struct(encoder)
-        self.size = len(static)
-        self.static = np.frombuffer(bytes(static), dtype=np.uint8)
-        self.value_pos = (np.asarray(value_at, np.int64)[:, None] + np.arange(8)).ravel()
-        self.flag_pos = np.asarray(flag_at, np.int64)
-        # Event-time bytes: for each (position, group, length) byte k of the varint of that group.
-        self.time_pos = np.asarray([p + k for p, _g, ln in time_at for k in range(ln)], np.int64)
-        self.time_src = np.asarray([g * 10 + k for _p, g, ln in time_at for k in range(ln)], np.int64)
 
-    def _init_struct(self, encoder: PredictionEncoder) -> None:
-        """The single-entity path: one ``struct`` pack of static chunks and the values."""
-        m = len(encoder.columns)
-        groups = [int(g) for g in encoder.groups]
-        # After value j: its event time (per entity), its flag, then the next name and branch.
-        self.mids = [b"\x00" + (encoder._names[j + 1] + b"\x06" if j + 1 < m else _NULL) for j in range(m)]
-        self.col_groups = groups
-        self.first = encoder._count + encoder._names[0] + b"\x06"
-        # Each chunk: the event-time bytes (union branch + varint, or null), then the mid bytes.
-        time_bytes = [self.lengths[g] + 1 if g >= 0 and self.lengths[g] else 1 for g in groups]
-        fmt = f"<{len(self.first)}s" + "".join(
-            f"d{t + len(mid)}s" for t, mid in zip(time_bytes, self.mids, strict=True)
+def named_features(event: Mapping[str, Any], columns: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The feature values of a decoded ``prediction`` event by name, v1 or v2 alike:
+    ``{name: {"value", "event_time", "defaulted"}}``.
+
+    ``columns``: the model version's input columns (``ModelPipeline.columns`` of its artifact,
+    which a replay loads anyway: its ``feature_refs``, then its request features), which name
+    the positions of a v2 event's ``feature_values``. A stored feature ``set:name`` carries its
+    set's event time; request fields and on-demand outputs none.
+    """
+    if event.get("features"):  # v1: a name per value
+        return {
+            f["name"]: {"value": f["value"], "event_time": f["event_time"], "defaulted": f["defaulted"]}
+            for f in event["features"]
+        }
+    values = event.get("feature_values") or []
+    if values and len(values) != len(columns):
+        raise ValueError(
+            f"the event holds {len(values)} values; the {len(columns)} columns given do not name them"
         )
-        self.pack = struct.Struct(fmt).pack
-        self.n_args = 2 * m + 1
-
-    def fill_one(self, x: list[float], ets: list[bytes], defaulted: list[int]) -> bytes:
-        ets = [*ets, _NULL]  # group -1 (no event time) reads the last: null
-        chunks = [ets[g] + mid for g, mid in zip(self.col_groups, self.mids, strict=True)]
-        for j in defaulted:
-            chunks[j] = ets[self.col_groups[j]] + b"\x01" + self.mids[j][1:]
-        args: list[object] = [None] * self.n_args
-        args[0] = self.first
-        args[1::2] = x
-        args[2::2] = chunks
-        return self.pack(*args)
-
-    def fill(self, matrix: np.ndarray, times: np.ndarray, defaulted: list[list[int]]) -> list[bytes]:
-        n = matrix.shape[0]
-        block = np.tile(self.static, (n, 1)) if n > 1 else self.static.copy()[None, :]
-        values = matrix.view(np.uint8) if _LITTLE else matrix.astype("<f8").view(np.uint8)
-        block[:, self.value_pos] = values.reshape(n, -1)
-        if self.time_pos.size:
-            block[:, self.time_pos] = _varint_bytes(times).reshape(n, -1)[:, self.time_src]
-        for i, cols in enumerate(defaulted):
-            if cols:
-                block[i, self.flag_pos[cols]] = 1
-        raw = block.tobytes()
-        size = self.size
-        return [raw[i * size : (i + 1) * size] for i in range(n)]
-
-
-# Smallest zigzag value needing k + 1 varint bytes, k = 1..9.
-_VARINT_STEPS = np.asarray([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
-_SHIFTS = np.arange(10, dtype=np.uint64) * np.uint64(7)
-
-
-def _zigzag(times: np.ndarray) -> np.ndarray:
-    t = times.astype(np.int64, copy=False)
-    return ((t << 1) ^ (t >> 63)).view(np.uint64)
-
-
-def _varint_lengths(times: np.ndarray) -> np.ndarray:
-    """Avro varint length of each time (0 for a missing one, ``< 0``)."""
-    length = np.searchsorted(_VARINT_STEPS, _zigzag(times), side="right") + 1
-    length[times < 0] = 0
-    return length
-
-
-def _varint_bytes(times: np.ndarray) -> np.ndarray:
-    """Avro varint bytes of each time, 10 per value (its length given by :func:`_varint_lengths`)."""
-    z = _zigzag(times)[..., None] >> _SHIFTS
-    out = (z & np.uint64(0x7F)).astype(np.uint8)
-    out[z >= np.uint64(0x80)] |= np.uint8(0x80)  # another byte follows
-    return np.asarray(out)
+    times = {t["feature_set"]: t["event_time"] for t in event.get("feature_event_times") or []}
+    defaulted = set(event.get("defaulted_features") or [])
+    return {
+        column: {
+            "value": value,
+            "event_time": times.get(column.split(":", 1)[0]) if ":" in column else None,
+            "defaulted": j in defaulted,
+        }
+        for j, (column, value) in enumerate(zip(columns, values, strict=True))
+    }
 
 
 def prediction_header(fingerprint: bytes) -> bytes:

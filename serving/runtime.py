@@ -108,23 +108,15 @@ def build_loaded(
     """
     spec = pipeline.spec
     reads: list[FeatureRead] = []
-    group_of: dict[str, int] = {}
     for fs_name, names in pipeline.reads.items():
-        group_of[fs_name] = len(reads)
         entity = repository.feature_set(fs_name).entity
         reads.append(FeatureRead(fs_name, entity, tuple(names), tuple(f"{fs_name}:{n}" for n in names)))
     request_fields = list(spec.request_features)
     for ref in repository.resolve_many(spec.features):
         if ref.transform is not None:
             request_fields += [f for f in ref.transform.request_inputs if f not in request_fields]
-    column_groups = [group_of.get(c.split(":", 1)[0], -1) if ":" in c else -1 for c in pipeline.columns]
-    # A column from a stored set carries that set's event time; on-demand outputs and request
-    # fields carry none (their inputs' times are those of the sets they read).
-    for j, column in enumerate(pipeline.columns):
-        if column_groups[j] >= 0 and column.split(":", 1)[1] not in pipeline.reads[column.split(":", 1)[0]]:
-            column_groups[j] = -1
     header = prediction_header(serde.writer_schema("prediction").fingerprint)
-    encoder = PredictionEncoder(header, pipeline.columns, column_groups)
+    encoder = PredictionEncoder(header, pipeline.columns, [r.feature_set for r in reads])
     if pipeline.estimator is None:
         raise HeadwaterError(f"model {mv.name}:{mv.version} holds no fitted estimator")
     scorer = compile_scorer(pipeline.estimator, spec.task, native_dir=native_dir)

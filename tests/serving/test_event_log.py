@@ -16,7 +16,7 @@ from serving.events import PredictionEncoder, prediction_header
 from serving.metrics import ServingMetrics
 from streams.consumer import Event, EventConsumer
 from streams.serde import Serde
-from tests.serving.test_units import COLUMNS, GROUPS, batch, record
+from tests.serving.test_units import COLUMNS, SETS, batch, record
 from tests.waiting import wait_for
 
 
@@ -29,9 +29,7 @@ def read(settings: Settings, serde: Serde, until: Callable[[list[Event]], bool])
 
 @pytest.fixture()
 def encoder(serde: Serde) -> PredictionEncoder:
-    return PredictionEncoder(
-        prediction_header(serde.writer_schema("prediction").fingerprint), COLUMNS, GROUPS
-    )
+    return PredictionEncoder(prediction_header(serde.writer_schema("prediction").fingerprint), COLUMNS, SETS)
 
 
 def test_submitted_batches_arrive_as_the_serde_encodes_them_and_close_flushes(

@@ -17,6 +17,7 @@ from models.artifact import dump_pipeline
 from models.pipeline import ModelPipeline
 from models.spec import ModelSpec
 from serving.api.v1 import SERVICE_NAME, prediction_pb2, prediction_pb2_grpc
+from serving.events import named_features
 from serving.online_store import open_online_store
 from streams.consumer import EventConsumer
 from streams.serde import Serde
@@ -160,7 +161,9 @@ def test_a_passed_deadline_answers_deadline_exceeded(served: Served) -> None:
     assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-def test_prediction_events_carry_what_was_decided(served: Served, serde: Serde) -> None:
+def test_prediction_events_carry_what_was_decided(
+    served: Served, serde: Serde, pipelines: list[ModelPipeline]
+) -> None:
     with served.client() as client:
         results = client.predict(
             MODEL,
@@ -188,15 +191,31 @@ def test_prediction_events_carry_what_was_decided(served: Served, serde: Serde) 
     assert first["ranked_items"] == results[0].ranked_items
     assert first["experiment_id"] is None and first["variant"] is None and first["propensity"] is None
     assert first["shadow"] is False and first["latency_us"] > 0
-    features = {f["name"]: f for f in first["features"]}
+    # v2 events hold the input row positionally: the model version's columns name it.
+    columns = pipelines[0].columns
+    assert first["features"] == [] and len(first["feature_values"]) == len(columns)
+    features = named_features(first, columns)
     assert (
         features["user_activity:clicks_24h"]["value"]
         == served.values["user_activity"][USERS[5]]["clicks_24h"]
     )
     assert features["user_activity:clicks_24h"]["event_time"] == served.event_time_ms
-    assert features["position"] == {"name": "position", "value": 1.0, "event_time": None, "defaulted": False}
-    assert not any(f["defaulted"] for f in first["features"])
-    ghost = {f["name"]: f for f in second["features"]}
+    assert features["position"] == {"value": 1.0, "event_time": None, "defaulted": False}
+    assert not any(f["defaulted"] for f in features.values())
+    # Replay: the same inputs through the version's pipeline give these values and this score.
+    row = {
+        "user_id": USERS[5],
+        "item_id": ITEMS[7],
+        "position": 1,
+        **{
+            f"{fs}:{name}": value
+            for fs, rows in served.values.items()
+            for name, value in rows[USERS[5] if fs == "user_activity" else ITEMS[7]].items()
+        },
+    }
+    assert first["feature_values"] == pipelines[0].assemble([row])[0][0].tolist()
+    assert first["score"] == pytest.approx(pipelines[0].predict([row])[0].score, rel=1e-12)
+    ghost = named_features(second, columns)
     assert ghost["user_activity:clicks_24h"]["defaulted"] is True
     assert ghost["user_activity:clicks_24h"]["event_time"] is None
     assert ghost["item_activity:clicks_24h"]["event_time"] == served.event_time_ms

@@ -13,7 +13,7 @@ from models.fastpath import compile_scorer
 from models.pipeline import ModelPipeline
 from models.spec import ModelSpec
 from serving.assemble import ColumnarAssembler
-from serving.events import PredictionBatch, PredictionEncoder, prediction_header
+from serving.events import PredictionBatch, PredictionEncoder, named_features, prediction_header
 from serving.limits import ClientRateLimits, InFlight, TokenBucket
 from streams.serde import Serde
 
@@ -22,7 +22,7 @@ COLUMNS = (
     + [f"item_activity:g{j}" for j in range(5)]
     + ["ctr:x", "position"]
 )
-GROUPS = [0] * 7 + [1] * 5 + [-1, -1]
+SETS = ["user_activity", "item_activity"]
 
 
 def batch(rng: np.random.Generator, n: int, **overrides: Any) -> PredictionBatch:
@@ -56,10 +56,6 @@ def batch(rng: np.random.Generator, n: int, **overrides: Any) -> PredictionBatch
 
 
 def record(b: PredictionBatch, i: int) -> dict[str, Any]:
-    def event_time(j: int) -> int | None:
-        g = GROUPS[j]
-        return int(b.times[i, g]) if g >= 0 and b.times[i, g] >= 0 else None
-
     return {
         "prediction_id": b.prediction_ids[i],
         "event_time": b.event_time_ms,
@@ -68,15 +64,7 @@ def record(b: PredictionBatch, i: int) -> dict[str, Any]:
         "model_ref": b.model_ref,
         "entity_key": b.entity_keys[i],
         "client_id": b.client_id,
-        "features": [
-            {
-                "name": c,
-                "value": float(b.X[i, j]),
-                "event_time": event_time(j),
-                "defaulted": j in b.defaulted[i],
-            }
-            for j, c in enumerate(COLUMNS)
-        ],
+        "features": [],
         "score": b.scores[i],
         "label": b.labels[i],
         "ranked_items": b.ranked_items[i],
@@ -86,6 +74,14 @@ def record(b: PredictionBatch, i: int) -> dict[str, Any]:
         "latency_us": b.latency_us,
         "shadow": b.shadow,
         "trace_id": b.trace_id,
+        "feature_values": b.X[i].tolist(),
+        "feature_event_times": [
+            {"feature_set": name, "event_time": int(t) if t >= 0 else None}
+            for name, t in zip(SETS, b.times[i], strict=True)
+        ]
+        if b.times.size
+        else [],
+        "defaulted_features": list(b.defaulted[i]),
     }
 
 
@@ -94,7 +90,7 @@ def record(b: PredictionBatch, i: int) -> dict[str, Any]:
 def test_the_encoder_writes_the_bytes_the_serde_writes(serde: Serde, n: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     header = prediction_header(serde.writer_schema("prediction").fingerprint)
-    encoder = PredictionEncoder(header, COLUMNS, GROUPS)
+    encoder = PredictionEncoder(header, COLUMNS, SETS)
     b = batch(
         rng,
         n,
@@ -118,7 +114,39 @@ def test_an_encoder_without_features_writes_an_empty_array(serde: Serde) -> None
         defaulted=[[], [], []],
     )
     (first, *_) = PredictionEncoder(header, [], []).encode(b)
-    assert serde.decode(first)[1]["features"] == []
+    event = serde.decode(first)[1]
+    assert event["features"] == event["feature_values"] == event["feature_event_times"] == []
+
+
+def test_named_features_reads_v1_and_v2_events_alike(serde: Serde) -> None:
+    """A v1 event (a name per value) and the v2 event of the same decision name the same features."""
+    rng = np.random.default_rng(4)
+    b = batch(rng, 3)
+    header = prediction_header(serde.writer_schema("prediction").fingerprint)
+    for i, v2 in enumerate(PredictionEncoder(header, COLUMNS, SETS).encode(b)):
+        new = record(b, i)
+        old = {
+            k: v
+            for k, v in new.items()
+            if k not in ("feature_values", "feature_event_times", "defaulted_features")
+        }
+        times = {t["feature_set"]: t["event_time"] for t in new["feature_event_times"]}
+        old["features"] = [
+            {
+                "name": c,
+                "value": float(b.X[i, j]),
+                "event_time": times.get(c.split(":", 1)[0]) if j < 12 else None,
+                "defaulted": j in b.defaulted[i],
+            }
+            for j, c in enumerate(COLUMNS)
+        ]
+        v1 = serde.encode("prediction", old, version=1)
+        _, from_v1 = serde.decode(v1)  # resolved to the current schema: v2's fields take their defaults
+        assert from_v1["feature_values"] == [] and len(from_v1["features"]) == len(COLUMNS)
+        _, from_v2 = serde.decode(v2)
+        assert named_features(from_v1, COLUMNS) == named_features(from_v2, COLUMNS)
+    with pytest.raises(ValueError, match="do not name them"):
+        named_features(from_v2, COLUMNS[:-1])
 
 
 def test_token_bucket_allows_the_burst_then_the_rate() -> None:
