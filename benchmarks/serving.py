@@ -9,13 +9,14 @@ Set-up (in a temporary directory, nothing shared with a running stack): an embed
 two feature sets of 25 features each (``bench_user`` keyed by user_id, ``bench_item`` by
 item_id: 50 online features per entity), 10,000 users and 1,000 items in the LMDB online
 store, and a gradient-boosted model (HistGradientBoostingClassifier, up to 100 trees; the
-server compiles them to C at load) on the 50 features, registered and promoted through the real registry. One server process is started
-with ``headwater serve`` (rate limits off). Load comes from h2load (nghttp2's HTTP/2 load
-generator, in C, installed by ``infra/setup.sh``) posting gRPC frames, one h2load process and
-connection per request body: a Python gRPC client needs as much CPU per call as the server,
-and on two cores it would take the server's second core. h2load sends the same body on each
-of its calls, so four bodies (four (user, item) pairs) make the single-entity load and two
-bodies of 100 pairs the batch load; the whole online store is in the page cache either way.
+server compiles them to C at load) on the 50 features, registered and promoted through the
+real registry. One server process is started with ``headwater serve`` (rate limits off). Load
+comes from h2load (nghttp2's HTTP/2 load generator, in C, installed by ``infra/setup.sh``)
+posting gRPC frames, one h2load process and connection per request body: a Python gRPC client
+needs as much CPU per call as the server, and on two cores it would take the server's second
+core. h2load sends the same body on each of its calls, so four bodies (four (user, item)
+pairs) make the single-entity load and two bodies of 100 pairs the batch load; the whole
+online store is in the page cache either way.
 
 - open loop at fixed rates (500, 1,000, 2,000 calls/s) of single-entity calls, from h2load
   processes of 100 calls/s each on timing scripts (h2load's timers run late by a fixed share:
@@ -26,9 +27,10 @@ bodies of 100 pairs the batch load; the whole online store is in the page cache 
 
 A 2 s closed-loop warm-up comes first; each pass runs ``--duration`` seconds. h2load sees HTTP status 200 for
 every gRPC answer, errors included, so the passes count gRPC statuses from the server's
-``/metrics``; the server's CPU time per call comes from /proc, and so does the embedded
-broker's: it runs on the same two cores and takes every prediction event the passes log (one
-per entity, ~2.3 KB with its 50 feature values, names and event times).
+``/metrics``; the server's CPU time per call comes from /proc, and so do its event log's sender
+process's (it encodes and produces the prediction events) and the embedded broker's: both run
+on the same two cores, and the broker takes every prediction event the passes log (one per
+entity, ~0.6 KB with its 50 feature values and two event times).
 
 Targets (issue 5, one server process): p99 <= 5 ms at 1,000 calls/s, >= 3,000 single-entity
 predictions/s, >= 100,000 scored items/s. The machine's cores are shared by the server and the
@@ -205,7 +207,8 @@ OPEN_LOOP_RATE_PER_PROCESS = 100
 
 
 def _requests(n_entities: int, count: int, seed: int) -> list[bytes]:
-    """``count`` serialized requests of ``n_entities`` (user, item) pairs each, one user per request."""
+    """``count`` serialized requests of ``n_entities`` (user, item) pairs each, one user per
+    request: one entity as a message, many column-wise, as the ``headwater`` client sends them."""
     from serving.api.v1 import prediction_pb2 as pb
 
     rng = random.Random(seed)
@@ -213,8 +216,12 @@ def _requests(n_entities: int, count: int, seed: int) -> list[bytes]:
     for _ in range(count):
         request = pb.PredictRequest(model="bench_model", client_id=f"bench-{seed}")
         user = f"u{rng.randrange(N_USERS)}"
-        for _ in range(n_entities):
-            request.entities.add().keys.update({"user_id": user, "item_id": f"i{rng.randrange(N_ITEMS)}"})
+        items = [f"i{rng.randrange(N_ITEMS)}" for _ in range(n_entities)]
+        if n_entities == 1:
+            request.entities.add().keys.update({"user_id": user, "item_id": items[0]})
+        else:
+            request.key_columns.add(name="user_id", values=[user] * n_entities)
+            request.key_columns.add(name="item_id", values=items)
         out.append(request.SerializeToString())
     return out
 
@@ -324,6 +331,19 @@ def load(
     }
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+            except (OSError, IndexError, ValueError):  # ended meanwhile
+                continue
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -423,17 +443,21 @@ def run_passes(settings: Any, workdir: Path, duration: float, broker_pid: int) -
             "batch 100": {"bodies": batches, "n_entities": 100, "outstanding": 4},
         }
         load(server, singles, duration=2.0, outstanding=32)  # warm-up: first calls, caches, branches
+        (sender,) = child_pids(server.proc.pid)  # the event log's sender process
         for name, options in passes.items():
             before, broker_before = cpu_seconds(server.proc.pid), cpu_seconds(broker_pid)
+            sender_before = cpu_seconds(sender)
             figures[name] = load(server, duration=duration, **options)
             rate = options.get("rate")
             if rate is not None and figures[name]["calls_per_s"] < 0.97 * rate:
                 # h2load's timers run late by a fixed share (~7 % here): one corrected schedule.
                 before, broker_before = cpu_seconds(server.proc.pid), cpu_seconds(broker_pid)
+                sender_before = cpu_seconds(sender)
                 corrected = {**options, "rate": rate * rate / figures[name]["calls_per_s"]}
                 figures[name] = load(server, duration=duration, **corrected)
             calls = max(1, figures[name]["answered"])
             figures[name]["server_cpu_ms_per_call"] = (cpu_seconds(server.proc.pid) - before) * 1e3 / calls
+            figures[name]["sender_cpu_ms_per_call"] = (cpu_seconds(sender) - sender_before) * 1e3 / calls
             figures[name]["broker_cpu_ms_per_call"] = (cpu_seconds(broker_pid) - broker_before) * 1e3 / calls
     finally:
         server.proc.terminate()
@@ -471,13 +495,14 @@ def report(figures: dict[str, Any], args: argparse.Namespace) -> int:
     print(f"prediction service, one server process, {os.cpu_count()} cores shared with h2load")
     print(
         f"{'pass':<16}{'calls/s':>10}{'items/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-        f"{'server CPU ms/call':>20}{'broker CPU ms/call':>20}"
+        f"{'server CPU ms/call':>20}{'its sender':>12}{'broker CPU ms/call':>20}"
     )
     for name in ("open 500/s", "open 1000/s", "open 2000/s", "max single", "batch 100"):
         f = figures[name]
         print(
             f"{name:<16}{f['calls_per_s']:>10,.0f}{f['items_per_s']:>11,.0f}{f['p50_ms']:>9.2f}{f['p99_ms']:>9.2f}"
-            f"{f['errors']:>8}{f['server_cpu_ms_per_call']:>20.3f}{f['broker_cpu_ms_per_call']:>20.3f}"
+            f"{f['errors']:>8}{f['server_cpu_ms_per_call']:>20.3f}{f['sender_cpu_ms_per_call']:>12.3f}"
+            f"{f['broker_cpu_ms_per_call']:>20.3f}"
         )
     print("\nonline-feature part alone, per call (ms):")
     for name, f in figures["feature part"].items():

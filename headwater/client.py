@@ -18,6 +18,7 @@ A refused call raises :class:`PredictionError` carrying the gRPC status name (``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -115,8 +116,14 @@ class PredictionClient:
         timeout_ms: int = 0,
         trace_id: str | None = None,
         experiment_id: str | None = None,
+        columnar: bool | None = None,
     ) -> Any:
-        """The PredictRequest message of a call (also for callers that keep one and send it often)."""
+        """The PredictRequest message of a call (also for callers that keep one and send it often).
+
+        ``columnar``: send the entities' keys column-wise (``key_columns``), and get the answer
+        column-wise; by default, for two entities or more with the same key names and no
+        per-entity features (far less work on both ends for large batches, same results).
+        """
         pb = self._pb
         request = pb.PredictRequest(
             model=model, client_id=client_id or self.client_id or "", timeout_ms=timeout_ms,
@@ -124,6 +131,17 @@ class PredictionClient:
         )  # fmt: skip
         for name, value in (request_features or {}).items():
             _set_value(request.request_features[name], value, f"request_features[{name!r}]")
+        if columnar is None:
+            names = list(entities[0]) if entities else []
+            columnar = (
+                len(entities) > 1 and entity_features is None and all(list(e) == names for e in entities)
+            )
+        if columnar:
+            if entity_features is not None:
+                raise HeadwaterError("entity_features need one message per entity: columnar=False")
+            for name in entities[0] if entities else ():
+                request.key_columns.add(name=name, values=[str(e[name]) for e in entities])
+            return request
         for i, keys in enumerate(entities):
             entity = request.entities.add()
             for key, value in keys.items():
@@ -144,12 +162,14 @@ class PredictionClient:
         timeout: float | None = None,
         trace_id: str | None = None,
         experiment_id: str | None = None,
+        columnar: bool | None = None,
     ) -> list[PredictionResult]:
-        """Score one entity (a mapping of its keys) or many (a list of them); one result per entity."""
+        """Score one entity (a mapping of its keys) or many (a list of them); one result per
+        entity (``columnar``: see :meth:`request`)."""
         rows = [entities] if isinstance(entities, Mapping) else entities
         request = self.request(
             model, rows, request_features=request_features, entity_features=entity_features,
-            client_id=client_id, trace_id=trace_id, experiment_id=experiment_id,
+            client_id=client_id, trace_id=trace_id, experiment_id=experiment_id, columnar=columnar,
         )  # fmt: skip
         try:
             response = self._call(request, timeout=timeout or self.timeout, metadata=self._metadata)
@@ -157,7 +177,34 @@ class PredictionClient:
             code = exc.code() if hasattr(exc, "code") else None
             details = exc.details() if hasattr(exc, "details") else str(exc)
             raise PredictionError(code.name if code is not None else "UNKNOWN", str(details)) from None
+        if request.key_columns:
+            return self._columns(response.columns)
         return [self._result(p) for p in response.predictions]
+
+    @staticmethod
+    def _columns(columns: Any) -> list[PredictionResult]:
+        """The results of a column-wise answer (``PredictionColumns``), as one answer per entity
+        would give them."""
+        n = len(columns.prediction_ids)
+        scores = [None if math.isnan(x) else x for x in columns.scores] or [None] * n
+        labels = [x or None for x in columns.labels] or [None] * n
+        ranked = [list(r.items) for r in columns.ranked_items] or [[] for _ in range(n)]
+        defaulted: list[list[str]] = [[] for _ in range(n)]
+        for d in columns.defaulted_features:
+            defaulted[d.entity].append(d.feature)
+        return [
+            PredictionResult(
+                prediction_id=columns.prediction_ids[i],
+                model_name=columns.model_name,
+                model_version=columns.model_versions[i],
+                score=scores[i],
+                label=labels[i],
+                ranked_items=ranked[i],
+                feature_age_ms=None if columns.feature_age_ms[i] < 0 else columns.feature_age_ms[i],
+                defaulted_features=defaulted[i],
+            )
+            for i in range(n)
+        ]
 
     @staticmethod
     def _result(p: Any) -> PredictionResult:

@@ -19,7 +19,6 @@ holds it equal to ``pipeline.assemble`` on rows with missing, NaN, boolean and i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -59,18 +58,21 @@ class ColumnarAssembler:
         return ColumnarAssembler(pipeline, reads)
 
     def assemble(
-        self, blocks: Sequence[Sequence[Sequence[Value]]], rows: Sequence[dict[str, Any]]
+        self,
+        blocks: Sequence[Sequence[Sequence[Value]]],
+        fields: Sequence[Sequence[Value]] | None,
+        n: int,
     ) -> tuple[np.ndarray, list[list[str]], list[list[int]]]:
-        """The matrix, the names that fell back per row, and their column indexes.
+        """The matrix of ``n`` entities, the names that fell back per row, and their column indexes.
 
         ``blocks[g][i]``: the values of entity ``i`` read by read ``g`` (in the read's order);
-        ``rows[i]``: its request fields. TypeError/ValueError for a value that is not a number.
+        ``fields[i]``: its values of :attr:`request_fields` (None when there are none).
+        TypeError/ValueError for a value that is not a number.
         """
-        n = len(rows)
         if self.request_fields:
-            fields = self.request_fields
-            extra = [[row.get(name) for name in fields] for row in rows]
-            blocks = [*blocks, extra]
+            if fields is None:
+                raise ValueError("the request fields' values are needed")
+            blocks = [*blocks, fields]
         if len(blocks) == 1:
             values = np.array(blocks[0], dtype=np.float64)
         elif len(blocks) == 2:

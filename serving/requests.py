@@ -1,24 +1,66 @@
 """Reading a PredictRequest for one model: entity keys and typed request-time features.
 
+A request names its entities one message each (``entities``) or column-wise
+(``key_columns``); either way the call gets one :class:`Entities`, keys as columns (what the
+feature reads take), rows built only when the pipeline needs them.
+
 Errors name the field of the request that is wrong, as the client wrote it
-(``entities[3].keys``, ``request_features["position"]``), and say what the model needs.
+(``entities[3].keys``, ``key_columns["item_id"]``, ``request_features["position"]``), and say
+what the model needs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from headwater.errors import HeadwaterError
 from serving.runtime import LoadedModel
 
-__all__ = ["InvalidRequestError", "entity_label", "parse_entities"]
+__all__ = ["Entities", "InvalidRequestError", "parse_entities"]
 
 _NUMBER_KINDS = frozenset({"bool_value", "int_value", "double_value"})
 
 
 class InvalidRequestError(HeadwaterError):
     """A request the service cannot answer as written: INVALID_ARGUMENT, naming the field."""
+
+
+@dataclass(slots=True)
+class Entities:
+    """The entities of one call for one model."""
+
+    keys: dict[str, list[str]]  # each of the model's entity keys: its value per entity
+    labels: list[str]  # per entity, the prediction event's entity_key (values joined by "|")
+    shared: dict[str, Any]  # request fields of every entity
+    fields: list[dict[str, Any]] | None  # per entity, its own request fields (None: none has any)
+    columnar: bool  # asked column-wise: answered column-wise
+    _rows: list[dict[str, Any]] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Per entity, its keys and request fields: what the pipeline assembles (built once;
+        the scoring pass adds the features it read)."""
+        if self._rows is None:
+            names, shared = list(self.keys), self.shared
+            rows = [
+                {**dict(zip(names, values, strict=True)), **shared}
+                for values in zip(*self.keys.values(), strict=True)
+            ]
+            if self.fields is not None:
+                for row, own in zip(rows, self.fields, strict=True):
+                    row.update(own)
+            self._rows = rows
+        return self._rows
+
+    def request_values(self, names: list[str]) -> list[list[Any]]:
+        """Per entity, the values of request fields ``names`` (None where not given)."""
+        if self.fields is None:
+            return [[self.shared.get(name) for name in names]] * len(self)
+        return [[row.get(name) for name in names] for row in self.rows()]
 
 
 def _values(values: Mapping[str, Any], where: str, wanted: frozenset[str], out: dict[str, Any]) -> None:
@@ -39,12 +81,28 @@ def _values(values: Mapping[str, Any], where: str, wanted: frozenset[str], out: 
             )
 
 
-def parse_entities(
-    request: Any, model: LoadedModel, max_entities: int
-) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
-    """Per entity: its keys, and the row the pipeline assembles (keys, request fields)."""
-    entities = request.entities
-    n = len(entities)
+def _labels(columns: list[list[str]]) -> list[str]:
+    if len(columns) == 1:
+        return columns[0]
+    if len(columns) == 2:
+        return [f"{a}|{b}" for a, b in zip(columns[0], columns[1], strict=True)]
+    return ["|".join(values) for values in zip(*columns, strict=True)]
+
+
+def parse_entities(request: Any, model: LoadedModel, max_entities: int) -> Entities:
+    """The request's entities for ``model``: its keys, and request fields."""
+    wanted = frozenset(model.request_fields)
+    shared: dict[str, Any] = {}
+    if request.request_features and wanted:
+        _values(request.request_features, "request_features", wanted, shared)
+    if request.key_columns:
+        if request.entities:
+            raise InvalidRequestError("entities and key_columns: both given; send the entities one way")
+        return _columns(request, model, max_entities, shared)
+    return _rows(request, model, max_entities, shared, wanted)
+
+
+def _count(n: int, model: LoadedModel, max_entities: int) -> None:
     if n == 0:
         raise InvalidRequestError(
             f"entities: none given; model {model.name} scores entities named by "
@@ -52,35 +110,61 @@ def parse_entities(
         )
     if n > max_entities:
         raise InvalidRequestError(f"entities: {n} in one request, at most {max_entities}: split the request")
-    wanted = frozenset(model.request_fields)
-    shared: dict[str, Any] = {}
-    if request.request_features and wanted:
-        _values(request.request_features, "request_features", wanted, shared)
+
+
+def _rows(
+    request: Any, model: LoadedModel, max_entities: int, shared: dict[str, Any], wanted: frozenset[str]
+) -> Entities:
+    entities = request.entities
+    _count(len(entities), model, max_entities)
     need = model.entity_keys
-    all_keys: list[dict[str, str]] = []
-    rows: list[dict[str, Any]] = []
+    columns: list[list[str]] = [[] for _ in need]
+    adds = [column.append for column in columns]
+    fields: list[dict[str, Any]] | None = None
     for i, entity in enumerate(entities):
         given = entity.keys
-        keys = {}
-        for name in need:
+        for name, add in zip(need, adds, strict=True):
             value = given.get(name)
             if not value:
                 raise InvalidRequestError(
                     f"entities[{i}].keys: {name!r} is missing or empty; model {model.name} needs "
                     f"{', '.join(need)}"
                 )
-            keys[name] = value
-        row: dict[str, Any] = {**keys, **shared}
+            add(value)
         if entity.features and wanted:
-            _values(entity.features, f"entities[{i}].features", wanted, row)
-        all_keys.append(keys)
-        rows.append(row)
-    return all_keys, rows
+            own: dict[str, Any] = {}
+            _values(entity.features, f"entities[{i}].features", wanted, own)
+            if fields is None:
+                fields = [{} for _ in range(len(entities))]
+            fields[i] = own
+    return Entities(dict(zip(need, columns, strict=True)), _labels(columns), shared, fields, False)
 
 
-def entity_label(keys: Mapping[str, str], entity_keys: tuple[str, ...]) -> str:
-    """The prediction event's ``entity_key``: the key's value, or values joined by ``|`` in the
-    spec's order (``user|item``) for a model keyed by several."""
-    if len(entity_keys) == 1:
-        return keys[entity_keys[0]]
-    return "|".join(keys[k] for k in entity_keys)
+def _columns(request: Any, model: LoadedModel, max_entities: int, shared: dict[str, Any]) -> Entities:
+    given: dict[str, list[str]] = {}
+    for column in request.key_columns:
+        if column.name in given:
+            raise InvalidRequestError(f"key_columns: {column.name!r} given twice")
+        given[column.name] = list(column.values)
+    need = model.entity_keys
+    for name in need:
+        if name not in given:
+            raise InvalidRequestError(
+                f"key_columns: no column {name!r}; model {model.name} needs {', '.join(need)}"
+            )
+    n = max(len(given[name]) for name in need)
+    _count(n, model, max_entities)
+    columns = []
+    for name in need:
+        values = given[name]
+        if len(values) == 1 and n > 1:
+            values = values * n  # one value for every entity
+        elif len(values) != n:
+            raise InvalidRequestError(
+                f'key_columns["{name}"]: {len(values)} values for {n} entities; give one per entity, '
+                "or one for all"
+            )
+        if "" in values:
+            raise InvalidRequestError(f'key_columns["{name}"][{values.index("")}]: empty')
+        columns.append(values)
+    return Entities(dict(zip(need, columns, strict=True)), _labels(columns), shared, None, True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from models.pipeline import Prediction
 from serving.events import PredictionBatch
 from serving.metrics import ServingMetrics
 from serving.online_store import FeatureValues, OnlineStore, Value
+from serving.requests import Entities
 from serving.runtime import FeatureRead, LoadedModel
 
 __all__ = ["DeadlineExceeded", "Scored", "event_batch", "score_entities"]
@@ -47,51 +48,55 @@ class Scored:
 
 def score_entities(
     model: LoadedModel,
-    keys: Sequence[Mapping[str, str]],
-    fields: Sequence[dict[str, Any]],
+    entities: Entities,
     store: OnlineStore,
     metrics: ServingMetrics | None,
     *,
     now_ms: int,
     deadline: float | None,
 ) -> Scored:
-    """Score every entity (``keys[i]`` its entity keys, ``fields[i]`` its request fields; the
-    dicts in ``fields`` become the assembled rows and are modified)."""
-    n = len(keys)
+    """Score every entity (the rows of ``entities``, when built, become the assembled rows)."""
+    n = len(entities)
     if model.precomputed_set is not None:
-        served = _precomputed(model, keys, store, now_ms)
+        served = _precomputed(model, entities, store, now_ms)
         todo = [i for i in range(n) if served[i] is None]
         if not todo:
             return _only_precomputed(model, served)
+        rows = entities.rows()
         live = _live(
             model,
-            [keys[i] for i in todo],
-            [fields[i] for i in todo],
+            Entities(
+                {name: [values[i] for i in todo] for name, values in entities.keys.items()},
+                [entities.labels[i] for i in todo],
+                entities.shared,
+                None if entities.fields is None else [entities.fields[i] for i in todo],
+                entities.columnar,
+                [rows[i] for i in todo],
+            ),
             store,
             metrics,
             now_ms=now_ms,
             deadline=deadline,
         )
         return _merge(model, served, todo, live)
-    return _live(model, keys, fields, store, metrics, now_ms=now_ms, deadline=deadline)
+    return _live(model, entities, store, metrics, now_ms=now_ms, deadline=deadline)
 
 
 def _live(
     model: LoadedModel,
-    keys: Sequence[Mapping[str, str]],
-    rows: Sequence[dict[str, Any]],
+    entities: Entities,
     store: OnlineStore,
     metrics: ServingMetrics | None,
     *,
     now_ms: int,
     deadline: float | None,
 ) -> Scored:
-    n = len(keys)
+    n = len(entities)
     blocks: list[Sequence[Sequence[Value]]] = []
     event_times: list[list[int | None]] = []
     for read in model.reads:
         started = time.perf_counter()
-        got = _read(store, read, [k[read.entity_key] for k in keys], now_ms)
+        got = _read(store, read, entities.keys[read.entity_key], now_ms)
         if metrics is not None:
             metrics.observe_fetch(read.feature_set, time.perf_counter() - started)
         blocks.append(got.values)
@@ -102,8 +107,11 @@ def _live(
     try:
         if model.columnar is None:
             raise ValueError("per-row assembly")
-        matrix, defaulted, defaulted_columns = model.columnar.assemble(blocks, rows)
+        columnar = model.columnar
+        fields = entities.request_values(columnar.request_fields) if columnar.request_fields else None
+        matrix, defaulted, defaulted_columns = columnar.assemble(blocks, fields, n)
     except (TypeError, ValueError):  # transforms, or a value that is not a number: assemble decides
+        rows = entities.rows()
         for read, block in zip(model.reads, blocks, strict=True):
             refs = read.refs
             for row, values in zip(rows, block, strict=True):
@@ -111,7 +119,9 @@ def _live(
         matrix, defaulted = pipeline.assemble(rows)
         index = model.encoder.column_index
         defaulted_columns = [[index[c] for c in names if c in index] if names else [] for names in defaulted]
-    predictions = pipeline.post(rows, model.scorer(matrix))
+    # Rows matter to post-processing only when it ranks (by group_key): built then.
+    ranks = pipeline.spec.post.kind == "rank"
+    predictions = pipeline.post(entities.rows() if ranks else (), model.scorer(matrix))
     times, ages = _times(event_times, n, now_ms)
     return Scored(
         predictions, [model.version] * n, ages, defaulted, matrix, times, defaulted_columns, [False] * n
@@ -146,14 +156,13 @@ def _times(event_times: list[list[int | None]], n: int, now_ms: int) -> tuple[np
 
 
 def _precomputed(
-    model: LoadedModel, keys: Sequence[Mapping[str, str]], store: OnlineStore, now_ms: int
+    model: LoadedModel, entities: Entities, store: OnlineStore, now_ms: int
 ) -> list[tuple[Prediction, int, int | None] | None]:
     """Batch-inference outputs per entity (keyed by the spec's first entity key), None if absent."""
     assert model.precomputed_set is not None
-    entity = model.entity_keys[0]
     got = store.get_batch(
         model.precomputed_set,
-        [k[entity] for k in keys],
+        entities.keys[model.entity_keys[0]],
         ("score", "ranked_items", "model_version"),
         now_ms=now_ms,
     )
@@ -211,7 +220,7 @@ def event_batch(
     model: LoadedModel,
     scored: Scored,
     prediction_ids: list[str],
-    entity_keys: list[str],
+    entities: Entities,
     *,
     now_ms: int,
     latency_us: int,
@@ -229,7 +238,7 @@ def event_batch(
         latency_us=latency_us,
         shadow=shadow,
         prediction_ids=prediction_ids,
-        entity_keys=entity_keys,
+        entity_keys=entities.labels,
         X=scored.X,
         times=scored.times,
         defaulted=scored.defaulted_columns,

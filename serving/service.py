@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable
@@ -32,7 +32,7 @@ from serving.event_log import EventLog
 from serving.limits import ClientRateLimits, InFlight, limit_threads
 from serving.metrics import ServingMetrics
 from serving.online_store import OnlineStore
-from serving.requests import InvalidRequestError, entity_label, parse_entities
+from serving.requests import Entities, InvalidRequestError, parse_entities
 from serving.runtime import LoadedModel, ModelRuntime, Routes
 from serving.scoring import DeadlineExceeded, Scored, event_batch, score_entities
 from serving.shadow import ShadowScorer
@@ -84,7 +84,7 @@ class PredictionService:
         self._refs: dict[str, tuple[str, str | None, int | None]] = {}
         # Prediction ids: a random per-process prefix and a counter, unique without a uuid per call.
         self._id_prefix = os.urandom(6).hex()
-        self._ids = itertools.count(1)
+        self._next_id = 1  # the event loop's thread alone draws ids
         metrics.in_flight.set_function(lambda: self.in_flight.count)
 
     async def Predict(  # noqa: N802 - the gRPC method's name
@@ -107,21 +107,21 @@ class PredictionService:
                 model = routes.versions.get((name, version))
             if model is None:
                 model = await self._not_loaded(routes, request.model, name, alias, version)
-            keys, rows = parse_entities(request, model, self.settings.max_entities)
+            entities = parse_entities(request, model, self.settings.max_entities)
             shadows = routes.shadows.get((name, alias)) if alias is not None else None
             if shadows:
                 self.shadow.submit(shadows, request)
             now_ms = time.time_ns() // 1_000_000
             score = partial(
-                score_entities, model, keys, rows, self.store, self.metrics, now_ms=now_ms, deadline=deadline
+                score_entities, model, entities, self.store, self.metrics, now_ms=now_ms, deadline=deadline
             )
-            if len(keys) <= INLINE_MAX_ENTITIES:
+            if len(entities) <= INLINE_MAX_ENTITIES:
                 scored = score()
             else:
                 scored = await asyncio.get_running_loop().run_in_executor(self._pool, score)
             if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceeded("after scoring")
-            return self._respond(request, model, keys, scored, now_ms=now_ms, started=started)
+            return self._respond(request, model, entities, scored, now_ms=now_ms, started=started)
         except _Refused as exc:
             status = exc.code.name
             await context.abort(exc.code, exc.message)
@@ -252,34 +252,20 @@ class PredictionService:
         self,
         request: pb.PredictRequest,
         model: LoadedModel,
-        keys: list[dict[str, str]],
+        entities: Entities,
         scored: Scored,
         *,
         now_ms: int,
         started: float,
     ) -> pb.PredictResponse:
         response = pb.PredictResponse()
-        add = response.predictions.add
-        prefix, ids = self._id_prefix, self._ids
-        prediction_ids = []
-        name, ages, defaulted = model.name, scored.ages_ms, scored.defaulted
-        for i, (out, version) in enumerate(zip(scored.predictions, scored.versions, strict=True)):
-            prediction_id = f"{prefix}{next(ids):010x}"
-            prediction_ids.append(prediction_id)
-            # One call per entity: unset optional fields are passed as None.
-            p = add(
-                prediction_id=prediction_id,
-                model_name=name,
-                model_version=version,
-                score=out.score,
-                label=out.label,
-                feature_age_ms=ages[i],
-            )
-            if out.ranked_items:
-                p.ranked_items.extend(out.ranked_items)
-            if defaulted[i]:
-                p.defaulted_features.extend(defaulted[i])
-        entity_keys = [entity_label(k, model.entity_keys) for k in keys]
+        prefix, first = self._id_prefix, self._next_id
+        self._next_id = first + len(entities)
+        prediction_ids = [f"{prefix}{k:010x}" for k in range(first, first + len(entities))]
+        if entities.columnar:
+            _columns(response.columns, model.name, prediction_ids, scored)
+        else:
+            _predictions(response, model.name, prediction_ids, scored)
         latency_us = int((time.perf_counter() - started) * 1e6)
         self.events.submit(
             model.encoder if scored.X.shape[1] else model.bare_encoder,
@@ -288,14 +274,14 @@ class PredictionService:
                 model,
                 scored,
                 prediction_ids,
-                entity_keys,
+                entities,
                 now_ms=now_ms,
                 latency_us=latency_us,
                 shadow=False,
             ),
         )
         if log.isEnabledFor(logging.DEBUG):
-            for pid, ek in zip(prediction_ids, entity_keys, strict=True):
+            for pid, ek in zip(prediction_ids, entities.labels, strict=True):
                 log.debug(
                     "prediction id=%s model=%s version=%d entity=%s client=%s latency_us=%d",
                     pid,
@@ -309,3 +295,45 @@ class PredictionService:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _predictions(response: pb.PredictResponse, name: str, prediction_ids: list[str], scored: Scored) -> None:
+    """One ``Prediction`` message per entity."""
+    add = response.predictions.add
+    ages, defaulted = scored.ages_ms, scored.defaulted
+    for i, (out, version) in enumerate(zip(scored.predictions, scored.versions, strict=True)):
+        # One call per entity: unset optional fields are passed as None.
+        p = add(
+            prediction_id=prediction_ids[i],
+            model_name=name,
+            model_version=version,
+            score=out.score,
+            label=out.label,
+            feature_age_ms=ages[i],
+        )
+        if out.ranked_items:
+            p.ranked_items.extend(out.ranked_items)
+        if defaulted[i]:
+            p.defaulted_features.extend(defaulted[i])
+
+
+def _columns(columns: pb.PredictionColumns, name: str, prediction_ids: list[str], scored: Scored) -> None:
+    """Every entity's answer column-wise: a few list copies into the message, whatever the count."""
+    columns.prediction_ids.extend(prediction_ids)
+    columns.model_name = name
+    columns.model_versions.extend(scored.versions)
+    predictions = scored.predictions
+    scores = [p.score for p in predictions]
+    if any(s is not None for s in scores):
+        columns.scores.extend([math.nan if s is None else s for s in scores] if None in scores else scores)
+    labels = [p.label for p in predictions]
+    if any(label is not None for label in labels):
+        columns.labels.extend([label or "" for label in labels])
+    columns.feature_age_ms.extend([-1 if age is None else age for age in scored.ages_ms])
+    if any(p.ranked_items for p in predictions):
+        add_ranked = columns.ranked_items.add
+        for p in predictions:
+            add_ranked(items=p.ranked_items)
+    for i, names in enumerate(scored.defaulted):
+        for feature in names:
+            columns.defaulted_features.add(entity=i, feature=feature)

@@ -22,7 +22,7 @@ from serving.event_log import EventLog
 from serving.limits import limit_threads
 from serving.metrics import ServingMetrics
 from serving.online_store import OnlineStore
-from serving.requests import InvalidRequestError, entity_label, parse_entities
+from serving.requests import InvalidRequestError, parse_entities
 from serving.runtime import LoadedModel
 from serving.scoring import event_batch, score_entities
 
@@ -84,17 +84,16 @@ class ShadowScorer:
 
     def _score(self, model: LoadedModel, request: Any) -> None:
         started = time.perf_counter()
-        keys, rows = parse_entities(request, model, self.max_entities)
+        entities = parse_entities(request, model, self.max_entities)
         now_ms = time.time_ns() // 1_000_000
-        scored = score_entities(model, keys, rows, self.store, None, now_ms=now_ms, deadline=None)
-        ids = [f"{self._id_prefix}{next(self._ids):010x}" for _ in keys]
-        entity_keys = [entity_label(k, model.entity_keys) for k in keys]
+        scored = score_entities(model, entities, self.store, None, now_ms=now_ms, deadline=None)
+        ids = [f"{self._id_prefix}{next(self._ids):010x}" for _ in range(len(entities))]
         latency_us = int((time.perf_counter() - started) * 1e6)
         batch = event_batch(
-            request, model, scored, ids, entity_keys, now_ms=now_ms, latency_us=latency_us, shadow=True
+            request, model, scored, ids, entities, now_ms=now_ms, latency_us=latency_us, shadow=True
         )
         self.events.submit(model.encoder if scored.X.shape[1] else model.bare_encoder, batch)
-        self.scored += len(keys)
+        self.scored += len(entities)
 
     def close(self) -> None:
         if self._thread is not None:

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from features.repository import FeatureRepository
-from headwater.client import PredictionError
+from headwater.client import PredictionClient, PredictionError, PredictionResult
 from models.artifact import dump_pipeline
 from models.pipeline import ModelPipeline
 from models.spec import ModelSpec
@@ -42,11 +42,17 @@ def offline_rows(
     return rows
 
 
-def test_predictions_equal_the_offline_pipeline(served: Served, pipelines: list[ModelPipeline]) -> None:
+@pytest.mark.parametrize("columnar", [False, True], ids=["entities", "key_columns"])
+def test_predictions_equal_the_offline_pipeline(
+    served: Served, pipelines: list[ModelPipeline], columnar: bool
+) -> None:
     pairs = [(USERS[u], ITEMS[i]) for u in (0, 1) for i in range(12)]
     with served.client() as client:
         results = client.predict(
-            MODEL, [{"user_id": u, "item_id": i} for u, i in pairs], request_features={"position": 2}
+            MODEL,
+            [{"user_id": u, "item_id": i} for u, i in pairs],
+            request_features={"position": 2},
+            columnar=columnar,
         )
         single = client.predict(
             MODEL, {"user_id": USERS[3], "item_id": ITEMS[4]}, request_features={"position": 3}
@@ -78,6 +84,28 @@ def test_missing_features_take_the_default_and_are_flagged(
     del row["position"]  # the offline pipeline sees the same missing values: the same defaults apply
     (want,) = pipelines[0].predict([row])
     assert result.score == pytest.approx(want.score, rel=1e-12)
+
+
+def test_both_forms_of_a_request_get_the_same_answers(served: Served) -> None:
+    """Entities one message each, or keys column-wise (one user's value for all its items):
+    the same scores, labels, rankings, versions, defaults and ages, in the same order."""
+    entities = [{"user_id": USERS[2], "item_id": i} for i in (*ITEMS[:6], "no-such-item")]
+    with served.client() as client:
+        rows = client.predict(MODEL, entities, request_features={"position": 4}, columnar=False)
+        request = client.request(MODEL, [], request_features={"position": 4})
+        request.key_columns.add(name="item_id", values=[e["item_id"] for e in entities])
+        request.key_columns.add(name="user_id", values=[USERS[2]])  # one value for every entity
+        answer = client._call(request, timeout=10)
+    assert not answer.predictions and len(answer.columns.prediction_ids) == len(entities)
+    columns = PredictionClient._columns(answer.columns)
+
+    def comparable(r: PredictionResult) -> tuple[Any, ...]:
+        return (r.model_name, r.model_version, r.score, r.label, r.ranked_items, r.defaulted_features)
+
+    assert [comparable(r) for r in columns] == [comparable(r) for r in rows]
+    assert [r.feature_age_ms is None for r in columns] == [r.feature_age_ms is None for r in rows]
+    assert columns[-1].defaulted_features and columns[-1].feature_age_ms is not None  # the user was found
+    assert len({r.prediction_id for r in [*rows, *columns]}) == 2 * len(entities)
 
 
 def test_a_version_by_number_and_by_alias(served: Served) -> None:
@@ -137,10 +165,47 @@ def test_bad_input_is_refused_naming_the_field(
     names: list[str],
 ) -> None:
     with served.client() as client, pytest.raises(PredictionError) as refused:
-        client.predict(model, entities, request_features=features)
+        client.predict(model, entities, request_features=features, columnar=False)
     assert refused.value.code == code
     for name in names:
         assert name in refused.value.details
+
+
+@pytest.mark.parametrize(
+    ("columns", "names"),
+    [
+        ({"user_id": ["u", "v"]}, ["key_columns", "item_id", "user_id, item_id"]),
+        ({"user_id": ["u", "v"], "item_id": ["1", "2", "3"]}, ['key_columns["user_id"]', "2 values", "3"]),
+        ({"user_id": ["u"], "item_id": ["1", ""]}, ['key_columns["item_id"][1]', "empty"]),
+        ({"user_id": [], "item_id": []}, ["entities", "none given"]),
+        ({"user_id": ["u"], "item_id": ["1"] * 1001}, ["entities", "1001", "1000"]),
+    ],
+)
+def test_bad_key_columns_are_refused_naming_the_field(
+    served: Served, columns: dict[str, list[str]], names: list[str]
+) -> None:
+    with served.client() as client:
+        request = client.request(MODEL, [])
+        for name, values in columns.items():
+            request.key_columns.add(name=name, values=values)
+        with pytest.raises(grpc.RpcError) as refused:
+            client._call(request, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for name in names:
+        assert name in (refused.value.details() or "")
+
+
+def test_a_request_with_both_forms_or_a_column_twice_is_refused(served: Served) -> None:
+    with served.client() as client:
+        both = client.request(MODEL, [{"user_id": "u", "item_id": "1"}], columnar=False)
+        both.key_columns.add(name="user_id", values=["u"])
+        twice = client.request(MODEL, [{"user_id": "u", "item_id": "1"}] * 2, columnar=True)
+        twice.key_columns.add(name="user_id", values=["v", "w"])
+        for request, words in ((both, "both given"), (twice, "'user_id' given twice")):
+            with pytest.raises(grpc.RpcError) as refused:
+                client._call(request, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert words in (refused.value.details() or "")
 
 
 def test_a_wrong_type_per_entity_names_the_entity(served: Served) -> None:

@@ -227,12 +227,15 @@ def test_the_columnar_assembly_equals_the_pipelines(repository: FeatureRepositor
     for (fs, names), block in zip(reads, blocks, strict=True):
         for row, got in zip(full_rows, block, strict=True):
             row.update({f"{fs}:{n}": v for n, v in zip(names, got, strict=True)})
-    matrix, defaulted, indexes = assembler.assemble(blocks, rows)
+    fields = [[row.get(name) for name in assembler.request_fields] for row in rows]
+    matrix, defaulted, indexes = assembler.assemble(blocks, fields, len(rows))
     want_matrix, want_defaulted = pipeline.assemble(full_rows)
     assert np.array_equal(matrix, want_matrix) and defaulted == want_defaulted
     assert indexes == [[pipeline.columns.index(c) for c in names] for names in want_defaulted]
     for i in range(7):  # one entity at a time, as most calls are
-        one, one_defaulted, _ = assembler.assemble([block[i : i + 1] for block in blocks], rows[i : i + 1])
+        one, one_defaulted, _ = assembler.assemble(
+            [block[i : i + 1] for block in blocks], fields[i : i + 1], 1
+        )
         assert np.array_equal(one, want_matrix[i : i + 1]) and one_defaulted == want_defaulted[i : i + 1]
     with_transform = next(s for s in specs() if s.name == "ctr_model")
     assert ColumnarAssembler.build(ModelPipeline(with_transform, repository), reads) is None  # per row, then
