@@ -259,33 +259,34 @@ class ModelPipeline:
 
     def post(self, rows: Sequence[Mapping[str, Any]], scores: np.ndarray) -> list[Prediction]:
         """Per row: the score, the class (classification, clustering) and, for ``rank``, its group's items."""
-        ranked: dict[str, list[str]] = {}
-        group_key = self.spec.group_key
-        if self.spec.post.kind == "rank":
-            ranked = rank_items(
-                rows,
-                scores,
-                group_key=group_key,
-                rank_key=self.spec.post.rank_key,
-                top_k=self.spec.post.top_k,
-            )
-        task_scores = self.spec.task != "clustering"
+        return [
+            Prediction(score, label, items or [])  # a list of its own per row
+            for score, label, items in zip(*self.post_columns(rows, scores), strict=True)
+        ]
+
+    def post_columns(
+        self, rows: Sequence[Mapping[str, Any]], scores: np.ndarray
+    ) -> tuple[list[float | None], list[str | None], list[list[str]]]:
+        """:meth:`post` column-wise: scores, classes and ranked items, one each per row (a
+        server answering column-wise builds no object per row). ``rows`` are read only for
+        ``rank``."""
+        n = len(scores)
         values = scores.tolist()
         if self.spec.task == "classification" and len(self._classes) == 2:  # label(), for a whole batch
             classes = self._classes
             labels: list[str | None] = [classes[k] for k in (scores >= self.spec.post.threshold).tolist()]
         else:
             labels = [self.label(score) for score in values]
-        if not ranked:
-            return [
-                Prediction(score if task_scores else None, label, [])
-                for score, label in zip(values, labels, strict=True)
-            ]
-        out = []
-        for row, score, label in zip(rows, values, labels, strict=True):
-            items = ranked.get("" if group_key is None else str(row.get(group_key, "")), [])
-            out.append(Prediction(score if task_scores else None, label, items))
-        return out
+        if self.spec.task == "clustering":
+            values = [None] * n
+        if self.spec.post.kind != "rank":
+            return values, labels, [[]] * n  # one shared empty list: read, never appended to
+        group_key = self.spec.group_key
+        ranked = rank_items(
+            rows, scores, group_key=group_key, rank_key=self.spec.post.rank_key, top_k=self.spec.post.top_k
+        )
+        items = [ranked.get("" if group_key is None else str(row.get(group_key, "")), []) for row in rows]
+        return values, labels, items
 
     def predict(self, rows: Sequence[Mapping[str, Any]]) -> list[Prediction]:
         """pre -> estimator -> post."""

@@ -36,7 +36,9 @@ class DeadlineExceeded(Exception):  # noqa: N818 - a signal, mapped to DEADLINE_
 class Scored:
     """The outputs of one pass, per entity, and what the prediction events need."""
 
-    predictions: list[Prediction]
+    scores: list[float | None]
+    labels: list[str | None]
+    ranked: list[list[str]]
     versions: list[int]  # the version that produced each output (precomputed ones may differ)
     ages_ms: list[int | None]  # age of the oldest stored feature used
     defaulted: list[list[str]]  # names that fell back to the spec's default
@@ -121,10 +123,19 @@ def _live(
         defaulted_columns = [[index[c] for c in names if c in index] if names else [] for names in defaulted]
     # Rows matter to post-processing only when it ranks (by group_key): built then.
     ranks = pipeline.spec.post.kind == "rank"
-    predictions = pipeline.post(entities.rows() if ranks else (), model.scorer(matrix))
+    scores, labels, ranked = pipeline.post_columns(entities.rows() if ranks else (), model.scorer(matrix))
     times, ages = _times(event_times, n, now_ms)
     return Scored(
-        predictions, [model.version] * n, ages, defaulted, matrix, times, defaulted_columns, [False] * n
+        scores,
+        labels,
+        ranked,
+        [model.version] * n,
+        ages,
+        defaulted,
+        matrix,
+        times,
+        defaulted_columns,
+        [False] * n,
     )
 
 
@@ -182,7 +193,9 @@ def _only_precomputed(model: LoadedModel, served: list[tuple[Prediction, int, in
     n = len(served)
     found = [s for s in served if s is not None]
     return Scored(
-        [s[0] for s in found],
+        [s[0].score for s in found],
+        [s[0].label for s in found],
+        [s[0].ranked_items for s in found],
         [s[1] for s in found],
         [s[2] for s in found],
         [[] for _ in range(n)],
@@ -206,7 +219,7 @@ def _merge(
         model, [s if s is not None else (Prediction(None, None, []), 0, None) for s in served]
     )
     for k, i in enumerate(todo):
-        out.predictions[i] = live.predictions[k]
+        out.scores[i], out.labels[i], out.ranked[i] = live.scores[k], live.labels[k], live.ranked[k]
         out.versions[i] = live.versions[k]
         out.ages_ms[i] = live.ages_ms[k]
         out.defaulted[i] = live.defaulted[k]
@@ -227,7 +240,6 @@ def event_batch(
     shadow: bool,
 ) -> PredictionBatch:
     """The event-log batch of one scored request."""
-    predictions = scored.predictions
     return PredictionBatch(
         model_name=model.name,
         model_version=model.version,
@@ -242,8 +254,8 @@ def event_batch(
         X=scored.X,
         times=scored.times,
         defaulted=scored.defaulted_columns,
-        scores=[p.score for p in predictions],
-        labels=[p.label for p in predictions],
-        ranked_items=[p.ranked_items for p in predictions],
+        scores=scored.scores,
+        labels=scored.labels,
+        ranked_items=scored.ranked,
         versions=scored.versions if any(v != model.version for v in scored.versions) else None,
     )

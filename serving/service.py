@@ -300,19 +300,21 @@ class PredictionService:
 def _predictions(response: pb.PredictResponse, name: str, prediction_ids: list[str], scored: Scored) -> None:
     """One ``Prediction`` message per entity."""
     add = response.predictions.add
-    ages, defaulted = scored.ages_ms, scored.defaulted
-    for i, (out, version) in enumerate(zip(scored.predictions, scored.versions, strict=True)):
+    ages, defaulted, ranked = scored.ages_ms, scored.defaulted, scored.ranked
+    for i, (score, label, version) in enumerate(
+        zip(scored.scores, scored.labels, scored.versions, strict=True)
+    ):
         # One call per entity: unset optional fields are passed as None.
         p = add(
             prediction_id=prediction_ids[i],
             model_name=name,
             model_version=version,
-            score=out.score,
-            label=out.label,
+            score=score,
+            label=label,
             feature_age_ms=ages[i],
         )
-        if out.ranked_items:
-            p.ranked_items.extend(out.ranked_items)
+        if ranked[i]:
+            p.ranked_items.extend(ranked[i])
         if defaulted[i]:
             p.defaulted_features.extend(defaulted[i])
 
@@ -322,18 +324,17 @@ def _columns(columns: pb.PredictionColumns, name: str, prediction_ids: list[str]
     columns.prediction_ids.extend(prediction_ids)
     columns.model_name = name
     columns.model_versions.extend(scored.versions)
-    predictions = scored.predictions
-    scores = [p.score for p in predictions]
+    scores, labels = scored.scores, scored.labels
     if any(s is not None for s in scores):
         columns.scores.extend([math.nan if s is None else s for s in scores] if None in scores else scores)
-    labels = [p.label for p in predictions]
     if any(label is not None for label in labels):
-        columns.labels.extend([label or "" for label in labels])
-    columns.feature_age_ms.extend([-1 if age is None else age for age in scored.ages_ms])
-    if any(p.ranked_items for p in predictions):
+        columns.labels.extend([label or "" for label in labels] if None in labels else labels)
+    ages = scored.ages_ms
+    columns.feature_age_ms.extend([-1 if age is None else age for age in ages] if None in ages else ages)
+    if any(scored.ranked):
         add_ranked = columns.ranked_items.add
-        for p in predictions:
-            add_ranked(items=p.ranked_items)
+        for items in scored.ranked:
+            add_ranked(items=items)
     for i, names in enumerate(scored.defaulted):
         for feature in names:
             columns.defaulted_features.add(entity=i, feature=feature)
