@@ -173,7 +173,8 @@ def step_serve(
     logged = _count_predictions(settings, len(calls) + 1 + len(items), timeout_s)
     console.print(
         f"every decision is an event: {logged:,} prediction events on `predictions` (model version, "
-        "the features used with their event times), logged without the call waiting for Kafka"
+        "its input row and the event time of each feature set read), logged without the call waiting "
+        "for Kafka"
     )
 
 
