@@ -62,17 +62,25 @@ class ColumnarAssembler:
         blocks: Sequence[Sequence[Sequence[Value]]],
         fields: Sequence[Sequence[Value]] | None,
         n: int,
+        matrices: Sequence[np.ndarray | None] = (),
     ) -> tuple[np.ndarray, list[list[str]], list[list[int]]]:
         """The matrix of ``n`` entities, the names that fell back per row, and their column indexes.
 
         ``blocks[g][i]``: the values of entity ``i`` read by read ``g`` (in the read's order);
         ``fields[i]``: its values of :attr:`request_fields` (None when there are none).
-        TypeError/ValueError for a value that is not a number.
+        TypeError/ValueError for a value that is not a number. ``matrices[g]``, when given and
+        not None for every read, is block ``g`` already as float64 (the store's decoded rows).
         """
+        if self.request_fields and fields is None:
+            raise ValueError("the request fields' values are needed")
+        parts = [m for m in matrices if m is not None]
+        if parts and len(parts) == len(matrices):
+            if self.request_fields:
+                parts.append(np.array(fields, dtype=np.float64).reshape(n, len(self.request_fields)))
+            values = np.hstack(parts) if len(parts) > 1 else parts[0]
+            return self._finish(values, n)
         if self.request_fields:
-            if fields is None:
-                raise ValueError("the request fields' values are needed")
-            blocks = [*blocks, fields]
+            blocks = [*blocks, fields]  # type: ignore[list-item]
         if len(blocks) == 1:
             values = np.array(blocks[0], dtype=np.float64)
         elif len(blocks) == 2:
@@ -81,7 +89,10 @@ class ColumnarAssembler:
             values = np.array(
                 [[v for part in parts for v in part] for parts in zip(*blocks, strict=True)], np.float64
             )
-        values = values.reshape(n, len(self.columns))
+        return self._finish(values.reshape(n, len(self.columns)), n)
+
+    def _finish(self, values: np.ndarray, n: int) -> tuple[np.ndarray, list[list[str]], list[list[int]]]:
+        """Columns in the pipeline's order, and the defaults where values are missing."""
         if self.order is None:
             matrix = values
         else:

@@ -95,6 +95,7 @@ def _live(
 ) -> Scored:
     n = len(entities)
     blocks: list[Sequence[Sequence[Value]]] = []
+    matrices: list[np.ndarray | None] = []
     event_times: list[list[int | None]] = []
     for read in model.reads:
         started = time.perf_counter()
@@ -102,6 +103,7 @@ def _live(
         if metrics is not None:
             metrics.observe_fetch(read.feature_set, time.perf_counter() - started)
         blocks.append(got.values)
+        matrices.append(got.matrix)
         event_times.append(got.event_time_ms)
     if deadline is not None and time.monotonic() > deadline:
         raise DeadlineExceeded("after the feature reads")
@@ -111,7 +113,7 @@ def _live(
             raise ValueError("per-row assembly")
         columnar = model.columnar
         fields = entities.request_values(columnar.request_fields) if columnar.request_fields else None
-        matrix, defaulted, defaulted_columns = columnar.assemble(blocks, fields, n)
+        matrix, defaulted, defaulted_columns = columnar.assemble(blocks, fields, n, matrices)
     except (TypeError, ValueError):  # transforms, or a value that is not a number: assemble decides
         rows = entities.rows()
         for read, block in zip(model.reads, blocks, strict=True):
@@ -147,8 +149,10 @@ def _read(store: OnlineStore, read: FeatureRead, ids: list[str], now_ms: int) ->
             got = store.get_values(read.feature_set, list(unique), read.names, now_ms=now_ms)
             position = {key: i for i, key in enumerate(unique)}
             at = [position[key] for key in ids]
-            values, event_times = got.values, got.event_time_ms
-            return FeatureValues([values[i] for i in at], [event_times[i] for i in at])
+            values, event_times, matrix = got
+            return FeatureValues(
+                [values[i] for i in at], [event_times[i] for i in at], None if matrix is None else matrix[at]
+            )
     return store.get_values(read.feature_set, ids, read.names, now_ms=now_ms)
 
 

@@ -34,6 +34,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, ClassVar, NamedTuple, Self
 
+import numpy as np
+
 from headwater.errors import HeadwaterError
 
 if TYPE_CHECKING:
@@ -90,6 +92,9 @@ class FeatureValues(NamedTuple):
 
     values: list[Sequence[Value]]
     event_time_ms: list[int | None]
+    # The same values as float64 (entities x features; NaN where missing), when a backend has
+    # them at hand and every value is a number (None otherwise): see RecordCodec.decode_values.
+    matrix: np.ndarray | None = None
 
 
 class OnlineStore(ABC):

@@ -10,6 +10,11 @@ Why not a msgpack map per record: decoding a 50-key map builds 50 key strings on
 (~10 µs); an array of values decodes in under 2 µs and is 40% smaller, and the names are
 decoded once per process. Why the event time comes first: Redis' Lua script reads it from
 the first 8 bytes to decide newer-wins without decoding anything else.
+
+The serving read (:meth:`RecordCodec.decode_values`) also remembers the records it decoded,
+by their bytes, with their values as a float64 row: a record read again (the items every
+request scores) costs a dictionary lookup, and the request's feature matrix is gathered from
+those rows instead of converted value by value (~1.2 µs an entity of 25 features).
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from __future__ import annotations
 import hashlib
 import operator
 import struct
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import msgpack
+import numpy as np
 
 from serving.online_store.base import (
     FeatureRow,
@@ -100,6 +107,7 @@ class RecordCodec:
         self._pickers: dict[tuple[int, tuple[str, ...]], _Picker | None] = {}
         # Per requested feature list: its picker per schema id, and the values of a missing row.
         self._plans: dict[tuple[str, ...], tuple[dict[int, _Picker | None], tuple[None, ...]]] = {}
+        self._rows: dict[tuple[str, ...], _DecodedRows] = {}
 
     def encode(
         self, feature_set: str, rows: Iterable[Row], ttl_s: float | None, write_time_ms: int | None
@@ -219,26 +227,45 @@ class RecordCodec:
                 self._plans.clear()
             plan = self._plans[feats] = ({}, (None,) * len(feats))
         pickers, missing = plan
+        rows = self._rows.get(feats)
+        if rows is None or len(rows.values) > _DecodedRows.LIMIT:
+            rows = self._rows[feats] = _DecodedRows(len(feats))  # bounded: a full cache starts over
+        known, cached = rows.index, rows.values
         values: list[Sequence[Value]] = []
         times: list[int | None] = []
-        add_values, add_time = values.append, times.append
+        at: list[int] = []
+        add_values, add_time, add_at = values.append, times.append, at.append
+        new: list[tuple[bytes, Sequence[Value]]] = []
         for record in records:
             if record is None:
                 add_values(missing)
                 add_time(None)
+                add_at(0)
                 continue
             event_time, _write_time, expires_at, schema_id = _unpack_header(record)
             if expires_at and now >= expires_at:
                 add_values(missing)
                 add_time(None)
+                add_at(0)
+                continue
+            body = bytes(record[24:])  # schema id and values: the same bytes decode the same
+            row = known.get(body)
+            if row is not None:
+                add_values(cached[row])
+                add_time(event_time)
+                add_at(row)
                 continue
             pick = pickers.get(schema_id, _UNKNOWN)
             if pick is _UNKNOWN:
                 pick = pickers[schema_id] = self._picker(schema_id, feats, load_schema)
             decoded: list[Value] = _unpackb(record[32:])
-            add_values(decoded if pick is None else pick(decoded))  # type: ignore[operator]
+            picked = decoded if pick is None else pick(decoded)  # type: ignore[operator]
+            add_values(picked)
             add_time(event_time)
-        return FeatureValues(values, times)
+            add_at(-1 - len(new))
+            new.append((body, picked))
+        matrix = rows.take(at, new)
+        return FeatureValues(values, times, matrix)
 
     def _positions(
         self, schema_id: int, feats: tuple[str, ...], load_schema: SchemaLoader
@@ -315,6 +342,51 @@ class RecordCodec:
             self._projections.clear()
         self._projections[(schema_id, feats)] = project
         return project
+
+
+class _DecodedRows:
+    """Values of records this process decoded, by their bytes: a record read again (a hot item)
+    is neither decoded nor converted again, and its float64 row is gathered with the others.
+
+    Exact by construction: a record's schema id and value bytes determine its values; a
+    changed record has other bytes. Row 0 is a missing entity's (NaN). Bounded: replaced by an
+    empty one past ``LIMIT`` rows (~1.5 KB a row of 25 values). Readers look rows up without
+    a lock (an entry is published only once its row is written); :meth:`take` adds under one,
+    as the service reads from several threads.
+    """
+
+    LIMIT = 8192
+
+    def __init__(self, width: int) -> None:
+        self.index: dict[bytes, int] = {}
+        self.values: list[Sequence[Value]] = [(None,) * width]
+        self.data = np.full((256, width), np.nan)
+        self.numeric = True  # False once a value is not a number: no matrices for this list
+        self._lock = threading.Lock()
+
+    def take(self, at: list[int], new: list[tuple[bytes, Sequence[Value]]]) -> np.ndarray | None:
+        """The float64 rows of a read (``at``: known rows, or ``-1 - k`` for ``new[k]``), after
+        adding the ``new`` ones; None when the values are not all numbers."""
+        with self._lock:
+            if new:
+                start = len(self.values)
+                if self.numeric:
+                    try:
+                        block = np.array([picked for _, picked in new], dtype=np.float64)
+                    except (TypeError, ValueError):
+                        self.numeric = False
+                    else:
+                        end = start + len(new)
+                        if end > len(self.data):
+                            grown = np.full((max(end, 2 * len(self.data)), self.data.shape[1]), np.nan)
+                            grown[:start] = self.data[:start]
+                            self.data = grown
+                        self.data[start:end] = block.reshape(len(new), -1)
+                self.values.extend(picked for _, picked in new)
+                for k, (body, _) in enumerate(new):
+                    self.index[body] = start + k
+                at = [start - 1 - i if i < 0 else i for i in at]
+            return self.data[at] if self.numeric else None
 
 
 def _normalize_values(feature_set: str, entity_key: str, body: Mapping[object, object]) -> dict[str, Value]:

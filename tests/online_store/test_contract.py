@@ -13,12 +13,14 @@ import random
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 
 from headwater.errors import ConfigError, HeadwaterError
 from headwater.settings import Settings, load_settings
 from serving.online_store import FeatureRow, OnlineStore, OnlineStoreError, open_online_store
 from serving.online_store.base import epoch_ms
+from serving.online_store.lmdb import LmdbOnlineStore
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +111,31 @@ def test_get_values_reads_what_get_batch_reads(store: OnlineStore, fs: str) -> N
         assert ([tuple(v) for v in default.values], default.event_time_ms) == expected, features
     values = store.get_values(fs, ["all"], list(VALUES), now_ms=base).values[0]
     assert [type(v) for v in values] == [type(v) for v in VALUES.values()]
-    assert store.get_values(fs, [], ["big"], now_ms=base) == ([], [])
+    empty = store.get_values(fs, [], ["big"], now_ms=base)
+    assert (empty.values, empty.event_time_ms) == ([], [])
+
+
+def test_get_values_matrix_is_the_values_as_numbers_and_never_stale(store: OnlineStore, fs: str) -> None:
+    """A backend may add the values as float64 (NaN where missing) when all are numbers; a
+    record read again may come from its decoded rows, but never after it changed."""
+    base = epoch_ms()
+    numbers = ["clicks_1h", "ctr_24h", "is_new", "missing_window", "big"]
+    store.put_batch(fs, [("a", base - 9, VALUES), ("b", base - 8, {"clicks_1h": 2, "ctr_24h": 0.5})])
+    keys = ["a", "nobody", "b", "a", "b"]
+    for _ in range(2):  # the second read is of records this process decoded already
+        got = store.get_values(fs, keys, numbers, now_ms=base)
+        if got.matrix is not None:
+            want = np.array(got.values, dtype=np.float64)
+            assert got.matrix.shape == (len(keys), len(numbers))
+            assert np.array_equal(got.matrix, want, equal_nan=True)
+    if isinstance(store, LmdbOnlineStore):  # the serving default: its reads hand out the matrix
+        assert got.matrix is not None
+    assert store.get_values(fs, keys, ["clicks_1h", "last_item"], now_ms=base).matrix is None  # a string
+    store.put_batch(fs, [("b", base - 1, {"clicks_1h": 3, "ctr_24h": 0.75})])  # b changes
+    got = store.get_values(fs, ["b", "a"], ["clicks_1h", "ctr_24h"], now_ms=base)
+    assert [tuple(v) for v in got.values] == [(3, 0.75), (3, 0.125)]
+    if got.matrix is not None:
+        assert got.matrix.tolist() == [[3.0, 0.75], [3.0, 0.125]]
 
 
 def test_newer_wins_over_out_of_order_and_duplicated_updates(store: OnlineStore, fs: str) -> None:

@@ -140,6 +140,21 @@ def start_served(settings: Settings, spec: ModelSpec, artifact: bytes, pipeline:
     return Served(settings, info, thread, values, event_time_ms, mv)
 
 
+def offline_rows(
+    served: Served, pipeline: ModelPipeline, pairs: list[tuple[str, str]], position: int
+) -> list[dict[str, Any]]:
+    """The rows the offline pipeline sees for the same entities: stored values under their refs."""
+    rows = []
+    for user, item in pairs:
+        row: dict[str, Any] = {"user_id": user, "item_id": item, "position": position}
+        for fs, entities in served.values.items():
+            entity = user if fs == "user_activity" else item
+            for name, value in entities.get(entity, {}).items():
+                row[f"{fs}:{name}"] = value
+        rows.append(row)
+    return rows
+
+
 @pytest.fixture(scope="session")
 def served(
     broker_settings: Settings,

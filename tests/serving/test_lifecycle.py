@@ -20,7 +20,7 @@ from serving.server import ServerThread
 from streams.broker import EmbeddedBroker
 from streams.consumer import EventConsumer
 from streams.serde import Serde
-from tests.serving.conftest import ITEMS, MODEL, USERS, register, serving_settings, start_served
+from tests.serving.conftest import ITEMS, MODEL, USERS, offline_rows, register, serving_settings, start_served
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -149,20 +149,7 @@ def test_a_shadow_scores_the_same_requests_and_logs_its_own_events(
             wait_for(both, 20, "the primary's and the shadow's events")
         assert events[False]["model_version"] == 1 and events[False]["prediction_id"] == answer.prediction_id
         assert events[True]["model_version"] == 2 and events[True]["prediction_id"] != answer.prediction_id
-        (want,) = pipelines[1].predict(
-            [
-                {
-                    "user_id": USERS[0],
-                    "item_id": ITEMS[0],
-                    "position": 2,
-                    **{
-                        f"{fs}:{n}": v
-                        for fs, rows in served.values.items()
-                        for n, v in rows[USERS[0] if fs == "user_activity" else ITEMS[0]].items()
-                    },
-                }
-            ]
-        )
+        (want,) = pipelines[1].predict(offline_rows(served, pipelines[1], [(USERS[0], ITEMS[0])], 2))
         assert events[True]["score"] == pytest.approx(want.score, rel=1e-12)
     finally:
         served.thread.stop()

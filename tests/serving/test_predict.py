@@ -21,25 +21,10 @@ from serving.events import named_features
 from serving.online_store import open_online_store
 from streams.consumer import EventConsumer
 from streams.serde import Serde
-from tests.serving.conftest import ITEMS, MODEL, USERS, Served, register, training_frame
+from tests.serving.conftest import ITEMS, MODEL, USERS, Served, offline_rows, register, training_frame
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def offline_rows(
-    served: Served, pipeline: ModelPipeline, pairs: list[tuple[str, str]], position: int
-) -> list[dict[str, Any]]:
-    """The rows the offline pipeline sees for the same entities: stored values under their refs."""
-    rows = []
-    for user, item in pairs:
-        row: dict[str, Any] = {"user_id": user, "item_id": item, "position": position}
-        for fs, entities in served.values.items():
-            entity = user if fs == "user_activity" else item
-            for name, value in entities.get(entity, {}).items():
-                row[f"{fs}:{name}"] = value
-        rows.append(row)
-    return rows
 
 
 @pytest.mark.parametrize("columnar", [False, True], ids=["entities", "key_columns"])
@@ -106,6 +91,32 @@ def test_both_forms_of_a_request_get_the_same_answers(served: Served) -> None:
     assert [r.feature_age_ms is None for r in columns] == [r.feature_age_ms is None for r in rows]
     assert columns[-1].defaulted_features and columns[-1].feature_age_ms is not None  # the user was found
     assert len({r.prediction_id for r in [*rows, *columns]}) == 2 * len(entities)
+
+
+def test_an_item_updated_between_calls_is_scored_on_its_new_values(
+    served: Served, pipelines: list[ModelPipeline]
+) -> None:
+    """The service keeps the rows it decoded (hot items are read by every call), never past a write."""
+    item_names = pipelines[0].reads["item_activity"]
+    user_values = served.values["user_activity"][USERS[0]]
+    with served.client() as client, open_online_store(served.settings) as store:
+        for k, value in enumerate((3.0, 11.0, 3.0)):
+            values = {name: value + i for i, name in enumerate(item_names)}
+            store.put_batch("item_activity", [("updated-item", served.event_time_ms + k, values)])
+            got = client.predict(
+                MODEL,
+                [{"user_id": USERS[0], "item_id": "updated-item"}] * 3,
+                request_features={"position": 1},
+            )
+            row = {
+                "user_id": USERS[0],
+                "item_id": "updated-item",
+                "position": 1,
+                **{f"user_activity:{n}": v for n, v in user_values.items()},
+                **{f"item_activity:{n}": v for n, v in values.items()},
+            }
+            (want,) = pipelines[0].predict([row])
+            assert [r.score for r in got] == [pytest.approx(want.score, rel=1e-12)] * 3, k
 
 
 def test_a_version_by_number_and_by_alias(served: Served) -> None:
@@ -268,16 +279,7 @@ def test_prediction_events_carry_what_was_decided(
     assert features["position"] == {"value": 1.0, "event_time": None, "defaulted": False}
     assert not any(f["defaulted"] for f in features.values())
     # Replay: the same inputs through the version's pipeline give these values and this score.
-    row = {
-        "user_id": USERS[5],
-        "item_id": ITEMS[7],
-        "position": 1,
-        **{
-            f"{fs}:{name}": value
-            for fs, rows in served.values.items()
-            for name, value in rows[USERS[5] if fs == "user_activity" else ITEMS[7]].items()
-        },
-    }
+    (row,) = offline_rows(served, pipelines[0], [(USERS[5], ITEMS[7])], 1)
     assert first["feature_values"] == pipelines[0].assemble([row])[0][0].tolist()
     assert first["score"] == pytest.approx(pipelines[0].predict([row])[0].score, rel=1e-12)
     ghost = named_features(second, columns)
