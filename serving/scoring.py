@@ -146,14 +146,14 @@ def _read(store: OnlineStore, read: FeatureRead, ids: list[str], now_ms: int) ->
     if len(ids) > 1:
         unique = dict.fromkeys(ids)
         if len(unique) < len(ids):
-            got = store.get_values(read.feature_set, list(unique), read.names, now_ms=now_ms)
+            got = store.get_values(read.feature_set, list(unique), read.names, now_ms=now_ms, matrix=True)
             position = {key: i for i, key in enumerate(unique)}
             at = [position[key] for key in ids]
             values, event_times, matrix = got
             return FeatureValues(
                 [values[i] for i in at], [event_times[i] for i in at], None if matrix is None else matrix[at]
             )
-    return store.get_values(read.feature_set, ids, read.names, now_ms=now_ms)
+    return store.get_values(read.feature_set, ids, read.names, now_ms=now_ms, matrix=True)
 
 
 def _times(event_times: list[list[int | None]], n: int, now_ms: int) -> tuple[np.ndarray, list[int | None]]:

@@ -97,6 +97,14 @@ class FeatureValues(NamedTuple):
     matrix: np.ndarray | None = None
 
 
+def as_matrix(values: Sequence[Sequence[Value]], width: int) -> np.ndarray | None:
+    """``values`` as float64 (None and NaN missing, booleans 0/1), or None if one is not a number."""
+    try:
+        return np.array(values, dtype=np.float64).reshape(len(values), width)
+    except (TypeError, ValueError):
+        return None
+
+
 class OnlineStore(ABC):
     """Latest feature values per (feature set, entity); newer-wins writes, batched reads.
 
@@ -167,15 +175,20 @@ class OnlineStore(ABC):
         features: Sequence[str],
         *,
         now_ms: int | None = None,
+        matrix: bool = False,
     ) -> FeatureValues:
         """:meth:`get_batch` as value sequences instead of dicts: the serving path, which puts
         them straight into a feature matrix. Same semantics; backends override it to skip the
-        dicts (this default builds them from ``get_batch``)."""
+        dicts (this default builds them from ``get_batch``). ``matrix``: also the values as
+        float64 when all are numbers (``FeatureValues.matrix``); backends may keep the rows
+        they decoded to make that cheap."""
         rows = self.get_batch(feature_set, entity_keys, features, now_ms=now_ms)
         names = tuple(features)
+        values: list[Sequence[Value]] = [tuple(row.values[name] for name in names) for row in rows]
         return FeatureValues(
-            [tuple(row.values[name] for name in names) for row in rows],
+            values,
             [row.event_time_ms for row in rows],
+            as_matrix(values, len(names)) if matrix else None,
         )
 
     @abstractmethod

@@ -213,12 +213,15 @@ class RecordCodec:
         features: Sequence[str],
         now: int,
         load_schema: SchemaLoader,
+        *,
+        matrix: bool = False,
     ) -> FeatureValues:
         """:meth:`decode` without the dicts: per record the values in ``features`` order.
 
         When the record's schema is the requested list (the common case: a model reads a
         feature set's features in their declared order), the decoded msgpack array is
-        returned as it is.
+        returned as it is. ``matrix``: also the values as float64 (the serving path), through
+        the decoded rows of this feature list (:class:`_DecodedRows`).
         """
         feats = features if type(features) is tuple else tuple(features)
         plan = self._plans.get(feats)
@@ -227,9 +230,43 @@ class RecordCodec:
                 self._plans.clear()
             plan = self._plans[feats] = ({}, (None,) * len(feats))
         pickers, missing = plan
+        if matrix:
+            return self._decode_rows(records, feats, now, load_schema, pickers=pickers, missing=missing)
+        values: list[Sequence[Value]] = []
+        times: list[int | None] = []
+        add_values, add_time = values.append, times.append
+        for record in records:
+            if record is None:
+                add_values(missing)
+                add_time(None)
+                continue
+            event_time, _write_time, expires_at, schema_id = _unpack_header(record)
+            if expires_at and now >= expires_at:
+                add_values(missing)
+                add_time(None)
+                continue
+            pick = pickers.get(schema_id, _UNKNOWN)
+            if pick is _UNKNOWN:
+                pick = pickers[schema_id] = self._picker(schema_id, feats, load_schema)
+            decoded: list[Value] = _unpackb(record[32:])
+            add_values(decoded if pick is None else pick(decoded))  # type: ignore[operator]
+            add_time(event_time)
+        return FeatureValues(values, times)
+
+    def _decode_rows(
+        self,
+        records: Iterable[Buffer | None],
+        feats: tuple[str, ...],
+        now: int,
+        load_schema: SchemaLoader,
+        *,
+        pickers: dict[int, _Picker | None],
+        missing: tuple[None, ...],
+    ) -> FeatureValues:
+        """:meth:`decode_values` with the matrix: known records by their bytes, others decoded."""
         rows = self._rows.get(feats)
-        if rows is None or len(rows.values) > _DecodedRows.LIMIT:
-            rows = self._rows[feats] = _DecodedRows(len(feats))  # bounded: a full cache starts over
+        if rows is None or rows.stale():
+            rows = self._rows[feats] = _DecodedRows(len(feats))
         known, cached = rows.index, rows.values
         values: list[Sequence[Value]] = []
         times: list[int | None] = []
@@ -264,8 +301,7 @@ class RecordCodec:
             add_time(event_time)
             add_at(-1 - len(new))
             new.append((body, picked))
-        matrix = rows.take(at, new)
-        return FeatureValues(values, times, matrix)
+        return FeatureValues(values, times, rows.take(at, new))
 
     def _positions(
         self, schema_id: int, feats: tuple[str, ...], load_schema: SchemaLoader
@@ -349,44 +385,66 @@ class _DecodedRows:
     is neither decoded nor converted again, and its float64 row is gathered with the others.
 
     Exact by construction: a record's schema id and value bytes determine its values; a
-    changed record has other bytes. Row 0 is a missing entity's (NaN). Bounded: replaced by an
-    empty one past ``LIMIT`` rows (~1.5 KB a row of 25 values). Readers look rows up without
-    a lock (an entry is published only once its row is written); :meth:`take` adds under one,
-    as the service reads from several threads.
+    changed record has other bytes. Row 0 is a missing entity's (NaN). Bounded: at ``LIMIT``
+    rows (~1.5 KB each with 25 values) it takes no more; if fewer than half of the lookups of
+    the next ``RENEW_AFTER`` hit (the hot records changed, or there are none: every call reads
+    another user), an empty one replaces it. Readers look rows up without a lock (an entry is
+    published once its row is written); :meth:`take` adds under one, as the service reads from
+    several threads.
     """
 
     LIMIT = 8192
+    RENEW_AFTER = 16 * LIMIT
 
     def __init__(self, width: int) -> None:
         self.index: dict[bytes, int] = {}
         self.values: list[Sequence[Value]] = [(None,) * width]
         self.data = np.full((256, width), np.nan)
         self.numeric = True  # False once a value is not a number: no matrices for this list
+        self.lookups = self.hits = 0  # since it filled up
         self._lock = threading.Lock()
+
+    def stale(self) -> bool:
+        return self.lookups >= self.RENEW_AFTER and 2 * self.hits < self.lookups
 
     def take(self, at: list[int], new: list[tuple[bytes, Sequence[Value]]]) -> np.ndarray | None:
         """The float64 rows of a read (``at``: known rows, or ``-1 - k`` for ``new[k]``), after
-        adding the ``new`` ones; None when the values are not all numbers."""
+        adding the ``new`` ones while there is room; None when not all values are numbers."""
         with self._lock:
+            block: np.ndarray | None = None
+            if new and self.numeric:
+                try:
+                    block = np.array([picked for _, picked in new], dtype=np.float64).reshape(len(new), -1)
+                except (TypeError, ValueError):
+                    self.numeric = False
+            if not self.numeric:
+                return None
+            start = len(self.values)
+            if start > self.LIMIT:  # full: this read's new rows are not kept
+                self.lookups += len(at)
+                self.hits += len(at) - len(new)
+                if not new:
+                    return self.data[at]
+                assert block is not None
+                where = np.asarray(at)
+                out = np.empty((len(at), block.shape[1]))
+                kept = where >= 0
+                out[kept] = self.data[where[kept]]
+                out[~kept] = block[-1 - where[~kept]]
+                return out
             if new:
-                start = len(self.values)
-                if self.numeric:
-                    try:
-                        block = np.array([picked for _, picked in new], dtype=np.float64)
-                    except (TypeError, ValueError):
-                        self.numeric = False
-                    else:
-                        end = start + len(new)
-                        if end > len(self.data):
-                            grown = np.full((max(end, 2 * len(self.data)), self.data.shape[1]), np.nan)
-                            grown[:start] = self.data[:start]
-                            self.data = grown
-                        self.data[start:end] = block.reshape(len(new), -1)
+                assert block is not None
+                end = start + len(new)
+                if end > len(self.data):
+                    grown = np.full((max(end, 2 * len(self.data)), self.data.shape[1]), np.nan)
+                    grown[:start] = self.data[:start]
+                    self.data = grown
+                self.data[start:end] = block
                 self.values.extend(picked for _, picked in new)
                 for k, (body, _) in enumerate(new):
                     self.index[body] = start + k
                 at = [start - 1 - i if i < 0 else i for i in at]
-            return self.data[at] if self.numeric else None
+            return self.data[at]
 
 
 def _normalize_values(feature_set: str, entity_key: str, body: Mapping[object, object]) -> dict[str, Value]:

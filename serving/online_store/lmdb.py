@@ -248,12 +248,13 @@ class LmdbOnlineStore(OnlineStore):
         features: Sequence[str],
         *,
         now_ms: int | None = None,
+        matrix: bool = False,
     ) -> FeatureValues:
         now = epoch_ms() if now_ms is None else now_ms
         return self._read(
             feature_set,
             lambda get, prefix, schema: self._codec.decode_values(
-                [get(prefix + key.encode()) for key in entity_keys], features, now, schema
+                [get(prefix + key.encode()) for key in entity_keys], features, now, schema, matrix=matrix
             ),
         )
 

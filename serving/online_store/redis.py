@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import redis
 
 from serving.online_store.base import (
@@ -166,12 +167,13 @@ class RedisOnlineStore(OnlineStore):
         features: Sequence[str],
         *,
         now_ms: int | None = None,
+        matrix: bool = False,
     ) -> FeatureValues:
         if not entity_keys:
-            return FeatureValues([], [])
+            return FeatureValues([], [], np.empty((0, len(features))) if matrix else None)
         now = epoch_ms() if now_ms is None else now_ms
         records = self._records(feature_set, entity_keys)
-        return self._codec.decode_values(records, features, now, self._load_schema)
+        return self._codec.decode_values(records, features, now, self._load_schema, matrix=matrix)
 
     def _records(self, feature_set: str, entity_keys: Sequence[str]) -> list[bytes | None]:
         """The stored records of the entities, in order (None where missing): one MGET."""

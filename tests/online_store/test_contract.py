@@ -20,7 +20,6 @@ from headwater.errors import ConfigError, HeadwaterError
 from headwater.settings import Settings, load_settings
 from serving.online_store import FeatureRow, OnlineStore, OnlineStoreError, open_online_store
 from serving.online_store.base import epoch_ms
-from serving.online_store.lmdb import LmdbOnlineStore
 
 pytestmark = pytest.mark.integration
 
@@ -123,19 +122,19 @@ def test_get_values_matrix_is_the_values_as_numbers_and_never_stale(store: Onlin
     store.put_batch(fs, [("a", base - 9, VALUES), ("b", base - 8, {"clicks_1h": 2, "ctr_24h": 0.5})])
     keys = ["a", "nobody", "b", "a", "b"]
     for _ in range(2):  # the second read is of records this process decoded already
-        got = store.get_values(fs, keys, numbers, now_ms=base)
-        if got.matrix is not None:
-            want = np.array(got.values, dtype=np.float64)
-            assert got.matrix.shape == (len(keys), len(numbers))
-            assert np.array_equal(got.matrix, want, equal_nan=True)
-    if isinstance(store, LmdbOnlineStore):  # the serving default: its reads hand out the matrix
-        assert got.matrix is not None
-    assert store.get_values(fs, keys, ["clicks_1h", "last_item"], now_ms=base).matrix is None  # a string
+        got = store.get_values(fs, keys, numbers, now_ms=base, matrix=True)
+        assert got.values == store.get_values(fs, keys, numbers, now_ms=base).values
+        assert got.matrix is not None and got.matrix.shape == (len(keys), len(numbers))
+        assert np.array_equal(got.matrix, np.array(got.values, dtype=np.float64), equal_nan=True)
+        default = OnlineStore.get_values(store, fs, keys, numbers, now_ms=base, matrix=True).matrix
+        assert default is not None and np.array_equal(default, got.matrix, equal_nan=True)
+    assert store.get_values(fs, keys, numbers, now_ms=base).matrix is None  # only when asked
+    text = store.get_values(fs, keys, ["clicks_1h", "last_item"], now_ms=base, matrix=True)
+    assert text.matrix is None and text.values[0] == (3, "item-42 ✓")
     store.put_batch(fs, [("b", base - 1, {"clicks_1h": 3, "ctr_24h": 0.75})])  # b changes
-    got = store.get_values(fs, ["b", "a"], ["clicks_1h", "ctr_24h"], now_ms=base)
+    got = store.get_values(fs, ["b", "a"], ["clicks_1h", "ctr_24h"], now_ms=base, matrix=True)
     assert [tuple(v) for v in got.values] == [(3, 0.75), (3, 0.125)]
-    if got.matrix is not None:
-        assert got.matrix.tolist() == [[3.0, 0.75], [3.0, 0.125]]
+    assert got.matrix is not None and got.matrix.tolist() == [[3.0, 0.75], [3.0, 0.125]]
 
 
 def test_newer_wins_over_out_of_order_and_duplicated_updates(store: OnlineStore, fs: str) -> None:
