@@ -237,7 +237,8 @@ def grpc_bodies(workdir: Path, n_entities: int, count: int) -> list[Path]:
 
 
 def scrape_statuses(metrics_url: str) -> dict[str, float]:
-    """Predict calls answered so far by gRPC status, from the server's Prometheus /metrics."""
+    """Predict calls answered so far by gRPC status, from the server's Prometheus /metrics, and
+    under ``"events dropped"`` the prediction events it could not log (every reason)."""
     from urllib.request import urlopen
 
     counts: dict[str, float] = {}
@@ -247,6 +248,8 @@ def scrape_statuses(metrics_url: str) -> dict[str, float]:
                 status = re.search(r'status="([^"]*)"', line)
                 key = status.group(1) if status else "?"
                 counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+            elif line.startswith("headwater_serving_events_dropped_total{"):
+                counts["events dropped"] = counts.get("events dropped", 0.0) + float(line.rsplit(" ", 1)[1])
     return counts
 
 
@@ -317,11 +320,13 @@ def load(
     elapsed = time.perf_counter() - started if rate is not None else duration
     after = scrape_statuses(server.metrics_url)
     answered = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    dropped = int(answered.pop("events dropped", 0.0))
     latencies.sort()
     calls = len(latencies)
     return {
         "calls": calls,
         "errors": http_failed + int(sum(v for k, v in answered.items() if k != "OK")),
+        "events_dropped": dropped,
         "grpc_ok": int(answered.get("OK", 0.0)),
         "answered": int(sum(answered.values())),
         "calls_per_s": calls / elapsed,
@@ -495,14 +500,14 @@ def report(figures: dict[str, Any], args: argparse.Namespace) -> int:
     print(f"prediction service, one server process, {os.cpu_count()} cores shared with h2load")
     print(
         f"{'pass':<16}{'calls/s':>10}{'items/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-        f"{'server CPU ms/call':>20}{'its sender':>12}{'broker CPU ms/call':>20}"
+        f"{'server CPU ms/call':>20}{'its sender':>12}{'broker CPU ms/call':>20}{'events dropped':>16}"
     )
     for name in ("open 500/s", "open 1000/s", "open 2000/s", "max single", "batch 100"):
         f = figures[name]
         print(
             f"{name:<16}{f['calls_per_s']:>10,.0f}{f['items_per_s']:>11,.0f}{f['p50_ms']:>9.2f}{f['p99_ms']:>9.2f}"
             f"{f['errors']:>8}{f['server_cpu_ms_per_call']:>20.3f}{f['sender_cpu_ms_per_call']:>12.3f}"
-            f"{f['broker_cpu_ms_per_call']:>20.3f}"
+            f"{f['broker_cpu_ms_per_call']:>20.3f}{f['events_dropped']:>16,}"
         )
     print("\nonline-feature part alone, per call (ms):")
     for name, f in figures["feature part"].items():

@@ -146,6 +146,13 @@ class ServingSettings(BaseModel):
     event_buffer: int = Field(
         100_000, ge=1, description="Prediction events waiting to be sent; when full, new ones are dropped"
     )
+    event_sender_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="Niceness of the process that encodes and sends prediction events (it also runs "
+        "as SCHED_BATCH): background work that must not pre-empt the requests; its buffer absorbs bursts",
+    )
     model_threads: int = Field(
         1, ge=1, description="Threads a model may use per call (OpenMP); 1 leaves the cores to the requests"
     )

@@ -123,6 +123,7 @@ class EventLog:
         drain_interval_s: float = 0.005,
         flush_timeout_s: float = 5.0,
         restart_interval_s: float = 5.0,
+        nice: int = 0,
     ) -> None:
         self.capacity = capacity
         self.metrics = metrics
@@ -141,6 +142,7 @@ class EventLog:
         config = pickle.dumps(
             (
                 "config",
+                nice,
                 settings.model_dump(mode="json"),
                 producer_config,
                 flush_timeout_s,

@@ -9,8 +9,9 @@ third, and a thread of its own is worse, from GIL contention). The parent
 the rest on a core of its own.
 
 Protocol, parent to child on stdin: frames of a 4-byte little-endian length and a pickle:
-``("config", settings, producer_config)`` first, then ``("encoder", id, header, columns,
-groups)`` once per model version, ``("batch", id, batch)`` per call and ``("alert", record)``.
+``("config", nice, settings, producer_config, flush_timeout_s, log_level)`` first, then
+``("encoder", id, header, columns, feature_sets)`` once per model version, ``("batch", id,
+batch)`` per call and ``("alert", record)``.
 Child to parent on stdout: one line per report, ``delivered broker encode`` as running
 totals (prediction events the broker acknowledged; refused by librdkafka's full queue or not
 delivered; not encoded). The parent counts everything else it submitted as not yet settled,
@@ -146,6 +147,19 @@ def _frames(fd: int, sender: _Sender) -> Iterator[tuple[Any, ...]]:
         sender.report()
 
 
+def _background(nice: int) -> None:
+    """Run as background work: SCHED_BATCH (Linux: a wake-up does not pre-empt the request
+    path's thread) and ``nice``. Measured on two cores: without it, the wake-ups of this process
+    cost the server a fifth of its single-entity calls/s; the buffer absorbs the delay."""
+    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_BATCH"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except OSError as exc:  # a container may refuse it: only scheduling is at stake
+            log.debug("SCHED_BATCH refused: %s", exc)
+    if nice:
+        os.nice(nice)
+
+
 def main() -> int:
     fd = sys.stdin.buffer.fileno()
     out = sys.stdout.buffer
@@ -155,8 +169,9 @@ def main() -> int:
     payload = _read_exact(fd, FRAME.unpack(first)[0])
     if payload is None:
         return 0
-    kind, settings_data, producer_config, flush_timeout_s, level = pickle.loads(payload)
+    kind, nice, settings_data, producer_config, flush_timeout_s, level = pickle.loads(payload)
     assert kind == "config"
+    _background(nice)
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

@@ -101,7 +101,11 @@ class PredictionServer:
         # Events are encoded and sent by a process of its own; this one pickles each call's
         # batch and writes it to the pipe on the event loop, between requests.
         self.events = EventLog(
-            self.settings, self.metrics, capacity=cfg.event_buffer, producer_config=self._producer_config
+            self.settings,
+            self.metrics,
+            capacity=cfg.event_buffer,
+            producer_config=self._producer_config,
+            nice=cfg.event_sender_nice,
         )
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.events.start, loop)

@@ -35,6 +35,7 @@ from serving.online_store.base import (
     OnlineStoreError,
     Row,
     Value,
+    as_matrix,
     check_feature_set,
     epoch_ms,
 )
@@ -54,6 +55,9 @@ HEADER = struct.Struct(">qqqq")
 # Redis' Lua numbers are doubles: event times above 2**53 would compare inexactly there.
 MAX_EVENT_TIME_MS = 2**53 - 1
 _CACHE_LIMIT = 4096
+# Reads of fewer records convert their values directly: the decoded rows' lookups and gather
+# cost more than they save on a record or two (measured: 3.3 µs against 2.5 for one).
+_FEW = 8
 
 Buffer = bytes | bytearray | memoryview
 SchemaLoader = Callable[[int], Buffer | None]
@@ -230,7 +234,7 @@ class RecordCodec:
                 self._plans.clear()
             plan = self._plans[feats] = ({}, (None,) * len(feats))
         pickers, missing = plan
-        if matrix:
+        if matrix and not (isinstance(records, list) and len(records) < _FEW):
             return self._decode_rows(records, feats, now, load_schema, pickers=pickers, missing=missing)
         values: list[Sequence[Value]] = []
         times: list[int | None] = []
@@ -251,7 +255,7 @@ class RecordCodec:
             decoded: list[Value] = _unpackb(record[32:])
             add_values(decoded if pick is None else pick(decoded))  # type: ignore[operator]
             add_time(event_time)
-        return FeatureValues(values, times)
+        return FeatureValues(values, times, as_matrix(values, len(feats)) if matrix else None)
 
     def _decode_rows(
         self,

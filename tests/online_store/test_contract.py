@@ -120,7 +120,7 @@ def test_get_values_matrix_is_the_values_as_numbers_and_never_stale(store: Onlin
     base = epoch_ms()
     numbers = ["clicks_1h", "ctr_24h", "is_new", "missing_window", "big"]
     store.put_batch(fs, [("a", base - 9, VALUES), ("b", base - 8, {"clicks_1h": 2, "ctr_24h": 0.5})])
-    keys = ["a", "nobody", "b", "a", "b"]
+    keys = ["a", "nobody", "b", "a", "b"] * 2  # enough records for a backend's decoded rows
     for _ in range(2):  # the second read is of records this process decoded already
         got = store.get_values(fs, keys, numbers, now_ms=base, matrix=True)
         assert got.values == store.get_values(fs, keys, numbers, now_ms=base).values
@@ -131,10 +131,14 @@ def test_get_values_matrix_is_the_values_as_numbers_and_never_stale(store: Onlin
     assert store.get_values(fs, keys, numbers, now_ms=base).matrix is None  # only when asked
     text = store.get_values(fs, keys, ["clicks_1h", "last_item"], now_ms=base, matrix=True)
     assert text.matrix is None and text.values[0] == (3, "item-42 ✓")
+    pair = ["clicks_1h", "ctr_24h"]
+    before = store.get_values(fs, ["b", "a"] * 5, pair, now_ms=base, matrix=True)  # b decoded once
+    assert before.matrix is not None and before.matrix.tolist()[:2] == [[2.0, 0.5], [3.0, 0.125]]
     store.put_batch(fs, [("b", base - 1, {"clicks_1h": 3, "ctr_24h": 0.75})])  # b changes
-    got = store.get_values(fs, ["b", "a"], ["clicks_1h", "ctr_24h"], now_ms=base, matrix=True)
-    assert [tuple(v) for v in got.values] == [(3, 0.75), (3, 0.125)]
-    assert got.matrix is not None and got.matrix.tolist() == [[3.0, 0.75], [3.0, 0.125]]
+    for keys in (["b", "a"], ["b", "a"] * 5):  # a read of a few records, and a larger one
+        got = store.get_values(fs, keys, pair, now_ms=base, matrix=True)
+        assert [tuple(v) for v in got.values[:2]] == [(3, 0.75), (3, 0.125)]
+        assert got.matrix is not None and got.matrix.tolist()[:2] == [[3.0, 0.75], [3.0, 0.125]]
 
 
 def test_newer_wins_over_out_of_order_and_duplicated_updates(store: OnlineStore, fs: str) -> None:
