@@ -147,7 +147,7 @@ class ServingSettings(BaseModel):
         100_000, ge=1, description="Prediction events waiting to be sent; when full, new ones are dropped"
     )
     event_sender_nice: int = Field(
-        10,
+        5,
         ge=0,
         le=19,
         description="Niceness of the process that encodes and sends prediction events (it also runs "

@@ -152,6 +152,7 @@ class EventLog:
         self._config = FRAME.pack(len(config)) + config
         self._lock = threading.Lock()  # the request path and the shadow thread both submit
         self._pending: deque[_Frame] = deque()
+        self._batches: list[tuple[int, PredictionBatch]] = []  # submitted, not framed yet
         self._submitted = 0
         self._base = (0, 0, 0)  # delivered, broker, encode: the totals of senders that ended
         self._lost = 0  # events a sender that died had not sent
@@ -218,7 +219,7 @@ class EventLog:
             if eid is None:
                 eid = ids[encoder] = len(ids) + 1
                 self._frame("encoder", eid, encoder.header, encoder.columns, encoder.feature_sets)
-            self._frame("batch", eid, batch)
+            self._batches.append((eid, batch))  # pickled with the others at the next pump
             self._submitted += n
         return True
 
@@ -226,6 +227,13 @@ class EventLog:
         """Queue an ``alert`` event (never dropped: alerts are rare and matter)."""
         with self._lock:
             self._frame("alert", record)
+
+    def _frame_batches(self) -> None:
+        """The calls submitted since the last pump, as one frame: one pickle and one message for
+        the sender per few milliseconds, not per call."""
+        if self._batches:
+            self._frame("batches", self._batches)
+            self._batches = []
 
     def _frame(self, kind: str, *fields: Any) -> None:
         body = pickle.dumps((kind, *fields), protocol=pickle.HIGHEST_PROTOCOL)
@@ -251,6 +259,7 @@ class EventLog:
                     self._spawn()
             return
         with self._lock:
+            self._frame_batches()
             alive = self._write(sender) and sender.read_reports()
             if not alive:
                 alive = sender.proc.poll() is None
@@ -303,6 +312,7 @@ class EventLog:
         # Batches and encoders were for the old process (their loss is counted above); a frame
         # half written to it cannot be finished. Alerts go to the next one.
         self._pending = deque(f for f in self._pending if f.kind == "alert" and not f.started)
+        self._batches = []
         self._sender = None
         if time.monotonic() >= self._restart_at:
             self._spawn()
@@ -328,6 +338,7 @@ class EventLog:
         deadline = time.monotonic() + timeout_s
         os.set_blocking(sender.stdin, True)
         with self._lock:
+            self._frame_batches()
             self._write(sender)
         sender.close_input()
         end = deadline + self.flush_timeout_s

@@ -10,8 +10,8 @@ the rest on a core of its own.
 
 Protocol, parent to child on stdin: frames of a 4-byte little-endian length and a pickle:
 ``("config", nice, settings, producer_config, flush_timeout_s, log_level)`` first, then
-``("encoder", id, header, columns, feature_sets)`` once per model version, ``("batch", id,
-batch)`` per call and ``("alert", record)``.
+``("encoder", id, header, columns, feature_sets)`` once per model version, ``("batches",
+[(id, batch), ...])`` with the calls of the last few milliseconds, and ``("alert", record)``.
 Child to parent on stdout: one line per report, ``delivered broker encode`` as running
 totals (prediction events the broker acknowledged; refused by librdkafka's full queue or not
 delivered; not encoded). The parent counts everything else it submitted as not yet settled,
@@ -65,8 +65,10 @@ class _Sender:
 
     def handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "batch":
-            self._batch(self.encoders[message[1]], message[2])
+        if kind == "batches":
+            encoders = self.encoders
+            for eid, batch in message[1]:
+                self._batch(encoders[eid], batch)
         elif kind == "encoder":
             self.encoders[message[1]] = PredictionEncoder(*message[2:])
         elif kind == "alert":

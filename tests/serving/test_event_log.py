@@ -70,7 +70,7 @@ def test_a_sender_that_dies_is_counted_and_replaced(
         wait_for(lambda: log.sent == 5, 20, "the first batch to be delivered")
         os.kill(first.proc.pid, signal.SIGSTOP)  # it stops reading: the next batch waits in its pipe
         assert log.submit(encoder, batch(rng, 4, prediction_ids=[f"lost-{i}" for i in range(4)]))
-        wait_for(lambda: not log._pending, 20, "the batch to be written to the pipe")
+        wait_for(lambda: not log._pending and not log._batches, 20, "the batch to be written to the pipe")
         os.kill(first.proc.pid, signal.SIGKILL)
         wait_for(lambda: log._sender is not first and log._sender is not None, 20, "a new sender")
         assert first.proc.returncode == -signal.SIGKILL
