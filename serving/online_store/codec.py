@@ -234,49 +234,18 @@ class RecordCodec:
                 self._plans.clear()
             plan = self._plans[feats] = ({}, (None,) * len(feats))
         pickers, missing = plan
+        rows: _DecodedRows | None = None
         if matrix and not (isinstance(records, list) and len(records) < _FEW):
-            return self._decode_rows(records, feats, now, load_schema, pickers=pickers, missing=missing)
+            rows = self._rows.get(feats)
+            if rows is None or rows.stale():
+                rows = self._rows[feats] = _DecodedRows(len(feats))
+        known = rows.index if rows is not None else {}
         values: list[Sequence[Value]] = []
         times: list[int | None] = []
-        add_values, add_time = values.append, times.append
-        for record in records:
-            if record is None:
-                add_values(missing)
-                add_time(None)
-                continue
-            event_time, _write_time, expires_at, schema_id = _unpack_header(record)
-            if expires_at and now >= expires_at:
-                add_values(missing)
-                add_time(None)
-                continue
-            pick = pickers.get(schema_id, _UNKNOWN)
-            if pick is _UNKNOWN:
-                pick = pickers[schema_id] = self._picker(schema_id, feats, load_schema)
-            decoded: list[Value] = _unpackb(record[32:])
-            add_values(decoded if pick is None else pick(decoded))  # type: ignore[operator]
-            add_time(event_time)
-        return FeatureValues(values, times, as_matrix(values, len(feats)) if matrix else None)
-
-    def _decode_rows(
-        self,
-        records: Iterable[Buffer | None],
-        feats: tuple[str, ...],
-        now: int,
-        load_schema: SchemaLoader,
-        *,
-        pickers: dict[int, _Picker | None],
-        missing: tuple[None, ...],
-    ) -> FeatureValues:
-        """:meth:`decode_values` with the matrix: known records by their bytes, others decoded."""
-        rows = self._rows.get(feats)
-        if rows is None or rows.stale():
-            rows = self._rows[feats] = _DecodedRows(len(feats))
-        known, cached = rows.index, rows.values
-        values: list[Sequence[Value]] = []
-        times: list[int | None] = []
-        at: list[int] = []
-        add_values, add_time, add_at = values.append, times.append, at.append
+        at: list[int] = []  # with decoded rows: each record's row, or -1 - k for new[k]
         new: list[tuple[bytes, Sequence[Value]]] = []
+        add_values, add_time, add_at = values.append, times.append, at.append
+        body = b""
         for record in records:
             if record is None:
                 add_values(missing)
@@ -289,13 +258,14 @@ class RecordCodec:
                 add_time(None)
                 add_at(0)
                 continue
-            body = bytes(record[24:])  # schema id and values: the same bytes decode the same
-            row = known.get(body)
-            if row is not None:
-                add_values(cached[row])
-                add_time(event_time)
-                add_at(row)
-                continue
+            if rows is not None:
+                body = bytes(record[24:])  # schema id and values: the same bytes decode the same
+                row = known.get(body)
+                if row is not None:
+                    add_values(rows.values[row])
+                    add_time(event_time)
+                    add_at(row)
+                    continue
             pick = pickers.get(schema_id, _UNKNOWN)
             if pick is _UNKNOWN:
                 pick = pickers[schema_id] = self._picker(schema_id, feats, load_schema)
@@ -303,9 +273,12 @@ class RecordCodec:
             picked = decoded if pick is None else pick(decoded)  # type: ignore[operator]
             add_values(picked)
             add_time(event_time)
-            add_at(-1 - len(new))
-            new.append((body, picked))
-        return FeatureValues(values, times, rows.take(at, new))
+            if rows is not None:
+                add_at(-1 - len(new))
+                new.append((body, picked))
+        if rows is not None:
+            return FeatureValues(values, times, rows.take(at, new))
+        return FeatureValues(values, times, as_matrix(values, len(feats)) if matrix else None)
 
     def _positions(
         self, schema_id: int, feats: tuple[str, ...], load_schema: SchemaLoader
