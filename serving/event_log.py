@@ -1,10 +1,10 @@
 """The event log of the prediction service: a bounded buffer, drained by a sender process.
 
 Requests never wait for Kafka. A handler submits one :class:`~serving.events.PredictionBatch`
-per call: it is pickled (tens of microseconds for 100 entities) and queued; the event loop
-writes the queue into a pipe to the sender process (:mod:`serving.event_sender`) between
-requests, and that process encodes one ``prediction`` event per entity and hands them to
-librdkafka, off this process's GIL. Nothing blocks, and every loss is counted in
+per call (a list append); every few milliseconds the event loop pickles what was submitted
+into one frame and writes it into a pipe to the sender process (:mod:`serving.event_sender`),
+which encodes one ``prediction`` event per entity and hands them to librdkafka, off this
+process's GIL. Nothing blocks, and every loss is counted in
 ``headwater_serving_events_dropped_total`` while requests keep being answered:
 ``buffer_full`` when more events than ``capacity`` are waiting (the sender cannot keep up),
 ``broker`` when librdkafka's own bounded queue is full (the broker is down) or it gave up
