@@ -147,11 +147,12 @@ class ServingSettings(BaseModel):
         100_000, ge=1, description="Prediction events waiting to be sent; when full, new ones are dropped"
     )
     event_sender_nice: int = Field(
-        5,
+        0,
         ge=0,
         le=19,
-        description="Niceness of the process that encodes and sends prediction events (it also runs "
-        "as SCHED_BATCH): background work that must not pre-empt the requests; its buffer absorbs bursts",
+        description="Niceness of the process that encodes and sends prediction events (it runs as "
+        "SCHED_BATCH: its wake-ups do not pre-empt the requests). Above 0 it yields more to the requests "
+        "and drops events (counted) sooner when the cores are saturated",
     )
     model_threads: int = Field(
         1, ge=1, description="Threads a model may use per call (OpenMP); 1 leaves the cores to the requests"

@@ -151,8 +151,8 @@ def _frames(fd: int, sender: _Sender) -> Iterator[tuple[Any, ...]]:
 
 def _background(nice: int) -> None:
     """Run as background work: SCHED_BATCH (Linux: a wake-up does not pre-empt the request
-    path's thread) and ``nice``. Measured on two cores: without it, the wake-ups of this process
-    cost the server a fifth of its single-entity calls/s; the buffer absorbs the delay."""
+    path's thread), and ``nice`` if set (the buffer absorbs the delay; at 5 on two cores this
+    process fell behind 120k events/s and dropped a fifth of them)."""
     if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_BATCH"):
         try:
             os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
