@@ -159,8 +159,6 @@ class EventLog:
         self._counted = (0, 0, 0)  # delivered, broker, encode already added to the metrics
         self.dropped = 0  # buffer full
         self._dropped_counter = metrics.events_dropped.labels("buffer_full")
-        self.failed = 0  # broker, encode and sender losses
-        self.sent = 0
         self.restart_interval_s = restart_interval_s
         self._sender: _Sender | None = None
         self._restart_at = 0.0  # a sender that died is replaced, at most once per interval
@@ -168,6 +166,16 @@ class EventLog:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.Handle | None = None
+
+    @property
+    def sent(self) -> int:
+        """Events the broker acknowledged."""
+        return self._counted[0]
+
+    @property
+    def failed(self) -> int:
+        """Events lost past the buffer: refused or not delivered, not encoded, or with a sender that died."""
+        return self._counted[1] + self._counted[2] + self._lost
 
     @property
     def backlog(self) -> int:
@@ -207,7 +215,6 @@ class EventLog:
             if self._sender is None:  # it died, and its replacement is not due yet
                 self._submitted += n
                 self._lost += n
-                self.failed += n
                 self.metrics.events_dropped.labels("sender").inc(n)
                 return False
             if self.backlog + n > self.capacity:
@@ -296,8 +303,6 @@ class EventLog:
         if encode > done_encode:
             self.metrics.events_dropped.labels("encode").inc(encode - done_encode)
         self._counted = (sent, broker, encode)
-        self.sent = sent
-        self.failed = broker + encode + self._lost
 
     def _restart(self, sender: _Sender) -> None:
         """The sender died: what it had not delivered is lost (counted); a new one takes over."""
@@ -307,7 +312,6 @@ class EventLog:
         lost = self.backlog  # in its pipe, its memory or librdkafka's queue, or still queued here
         log.error("the event log's sender process ended (exit %s): %d events lost", code, lost)
         self._lost += lost
-        self.failed += lost
         self.metrics.events_dropped.labels("sender").inc(lost)
         # Batches and encoders were for the old process (their loss is counted above); a frame
         # half written to it cannot be finished. Alerts go to the next one.
@@ -335,17 +339,16 @@ class EventLog:
         sender = self._sender
         if sender is None:
             return
-        deadline = time.monotonic() + timeout_s
+        end = time.monotonic() + timeout_s + self.flush_timeout_s
         os.set_blocking(sender.stdin, True)
         with self._lock:
             self._frame_batches()
             self._write(sender)
         sender.close_input()
-        end = deadline + self.flush_timeout_s
         while sender.wait_reports(end - time.monotonic()) and time.monotonic() < end:
             pass
         try:
-            sender.proc.wait(max(0.1, deadline + self.flush_timeout_s - time.monotonic()))
+            sender.proc.wait(max(0.1, end - time.monotonic()))
         except subprocess.TimeoutExpired:
             sender.proc.kill()
             sender.proc.wait()

@@ -4,9 +4,9 @@ Why a process: encoding one ``prediction`` event per entity and one ``produce`` 
 ~0.6 ms of a 100-entity call, on the thread that also runs gRPC's event loop; with the GIL,
 every microsecond of it is a microsecond requests cannot use (measured: calls/s fall by a
 third, and a thread of its own is worse, from GIL contention). The parent
-(:class:`serving.event_log.EventLog`) pickles each call's :class:`~serving.events.PredictionBatch`
-(a numpy matrix and a few lists: tens of microseconds) into a pipe, and this process does
-the rest on a core of its own.
+(:class:`serving.event_log.EventLog`) pickles the :class:`~serving.events.PredictionBatch` of
+the calls of the last few milliseconds (numpy matrices and a few lists) into a pipe as one
+frame, and this process does the rest on a core of its own.
 
 Protocol, parent to child on stdin: frames of a 4-byte little-endian length and a pickle:
 ``("config", nice, settings, producer_config, flush_timeout_s, log_level)`` first, then

@@ -56,6 +56,18 @@ class Entities:
             self._rows = rows
         return self._rows
 
+    def subset(self, at: list[int]) -> Entities:
+        """The entities at positions ``at``, in that order (their rows, if built, are shared)."""
+        rows = self._rows
+        return Entities(
+            {name: [values[i] for i in at] for name, values in self.keys.items()},
+            [self.labels[i] for i in at],
+            self.shared,
+            None if self.fields is None else [self.fields[i] for i in at],
+            self.columnar,
+            None if rows is None else [rows[i] for i in at],
+        )
+
     def request_values(self, names: list[str]) -> list[list[Any]]:
         """Per entity, the values of request fields ``names`` (None where not given)."""
         if self.fields is None:

@@ -64,22 +64,7 @@ def score_entities(
         todo = [i for i in range(n) if served[i] is None]
         if not todo:
             return _only_precomputed(model, served)
-        rows = entities.rows()
-        live = _live(
-            model,
-            Entities(
-                {name: [values[i] for i in todo] for name, values in entities.keys.items()},
-                [entities.labels[i] for i in todo],
-                entities.shared,
-                None if entities.fields is None else [entities.fields[i] for i in todo],
-                entities.columnar,
-                [rows[i] for i in todo],
-            ),
-            store,
-            metrics,
-            now_ms=now_ms,
-            deadline=deadline,
-        )
+        live = _live(model, entities.subset(todo), store, metrics, now_ms=now_ms, deadline=deadline)
         return _merge(model, served, todo, live)
     return _live(model, entities, store, metrics, now_ms=now_ms, deadline=deadline)
 

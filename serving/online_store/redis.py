@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import redis
 
 from serving.online_store.base import (
@@ -169,10 +168,8 @@ class RedisOnlineStore(OnlineStore):
         now_ms: int | None = None,
         matrix: bool = False,
     ) -> FeatureValues:
-        if not entity_keys:
-            return FeatureValues([], [], np.empty((0, len(features))) if matrix else None)
         now = epoch_ms() if now_ms is None else now_ms
-        records = self._records(feature_set, entity_keys)
+        records = self._records(feature_set, entity_keys) if entity_keys else []
         return self._codec.decode_values(records, features, now, self._load_schema, matrix=matrix)
 
     def _records(self, feature_set: str, entity_keys: Sequence[str]) -> list[bytes | None]:
