@@ -69,6 +69,44 @@ class PredictionBatch:
     ranked_items: list[list[str]]
     versions: list[int] | None = None  # per entity, when they differ (precomputed predictions)
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled with its two matrices as raw bytes: the event log pickles every call's batch
+        for its sender, and numpy's own pickling costs ~6 µs a call for the two arrays of a
+        single-entity call (10x the rest); bytes and a shape cost a copy."""
+        matrix, times = self.X, self.times
+        return (
+            _unpickle_batch,
+            (
+                self.model_name,
+                self.model_version,
+                self.model_ref,
+                self.client_id,
+                self.trace_id,
+                self.event_time_ms,
+                self.latency_us,
+                self.shadow,
+                self.prediction_ids,
+                self.entity_keys,
+                (matrix.dtype.str, matrix.shape, matrix.tobytes()),  # C order, whatever the layout
+                (times.dtype.str, times.shape, times.tobytes()),
+                self.defaulted,
+                self.scores,
+                self.labels,
+                self.ranked_items,
+                self.versions,
+            ),
+        )
+
+
+def _array(dtype: str, shape: tuple[int, ...], data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=dtype).reshape(shape)  # read-only: the encoder only reads
+
+
+def _unpickle_batch(*fields: Any) -> PredictionBatch:
+    values = list(fields)
+    values[10], values[11] = _array(*values[10]), _array(*values[11])
+    return PredictionBatch(*values)
+
 
 class PredictionEncoder:
     """Avro bodies of ``prediction`` events (v2) for one model version's columns.

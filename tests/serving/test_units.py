@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import numpy as np
@@ -102,6 +103,24 @@ def test_the_encoder_writes_the_bytes_the_serde_writes(serde: Serde, n: int, see
     for i in range(n):
         assert encoded[i] == serde.encode("prediction", record(b, i)), i
         assert serde.decode(encoded[i])[1]["prediction_id"] == b.prediction_ids[i]
+
+
+@pytest.mark.parametrize("n", [1, 100])
+def test_a_batch_survives_the_pipe_to_the_sender(serde: Serde, n: int) -> None:
+    """What the sender encodes from a pickled batch (its matrices travel as raw bytes) is
+    what the original encodes: same bytes, whatever the matrices' layout."""
+    rng = np.random.default_rng(n)
+    header = prediction_header(serde.writer_schema("prediction").fingerprint)
+    encoder = PredictionEncoder(header, COLUMNS, SETS)
+    b = batch(rng, n, versions=[3 + i % 2 for i in range(n)])
+    b.X = np.asfortranarray(b.X)
+    copy = pickle.loads(pickle.dumps(b, protocol=pickle.HIGHEST_PROTOCOL))
+    assert copy.X.dtype == b.X.dtype and copy.times.dtype == b.times.dtype
+    np.testing.assert_array_equal(copy.X, b.X)
+    np.testing.assert_array_equal(copy.times, b.times)
+    assert encoder.encode(copy) == encoder.encode(b)
+    empty = batch(rng, 2, X=np.empty((2, 0)), times=np.empty((0, 0), np.int64))
+    assert pickle.loads(pickle.dumps(empty)).X.shape == (2, 0)
 
 
 def test_an_encoder_without_features_writes_an_empty_array(serde: Serde) -> None:
