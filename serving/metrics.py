@@ -113,7 +113,7 @@ class ServingMetrics:
         if child is None:
             child = self._latency_children[key] = self.request_latency.labels(model, version, status)
         child.observe(seconds)
-        if entities and status == "OK":
+        if entities:
             counter = self._entity_children.get((model, version))
             if counter is None:
                 counter = self._entity_children[(model, version)] = self.entities.labels(model, version)

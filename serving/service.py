@@ -92,8 +92,7 @@ class PredictionService:
     ) -> pb.PredictResponse:
         started = time.perf_counter()
         model: LoadedModel | None = None
-        status = "OK"
-        entered = False
+        status, entered, scored_entities = "OK", False, 0
         try:
             entered = self._admit(request, context)
             deadline = self._deadline(request, context)
@@ -121,6 +120,7 @@ class PredictionService:
                 scored = await asyncio.get_running_loop().run_in_executor(self._pool, score)
             if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceeded("after scoring")
+            scored_entities = len(entities)
             return self._respond(request, model, entities, scored, now_ms=now_ms, started=started)
         except _Refused as exc:
             status = exc.code.name
@@ -145,7 +145,7 @@ class PredictionService:
                 model.version_label if model else "",
                 status,
                 time.perf_counter() - started,
-                len(request.entities),
+                scored_entities,
             )
         raise AssertionError("unreachable: context.abort raises")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import urllib.request
 from typing import Any
 
@@ -314,14 +315,28 @@ def test_health_and_reflection_answer_grpc_clients(served: Served) -> None:
         assert response.predictions[0].model_version == 1
 
 
+def _metrics(served: Served) -> str:
+    url = f"http://127.0.0.1:{served.info.metrics_port}/metrics"
+    return str(urllib.request.urlopen(url, timeout=5).read().decode())
+
+
+def _entities_scored(served: Served) -> float:
+    found = re.search(
+        r'headwater_serving_entities_total\{model="ctr_model",version="1"\} (\S+)', _metrics(served)
+    )
+    return float(found.group(1)) if found else 0.0
+
+
 def test_metrics_are_served(served: Served) -> None:
+    before = _entities_scored(served)
     with served.client() as client:
         client.predict(MODEL, {"user_id": USERS[0], "item_id": ITEMS[0]})
-    text = (
-        urllib.request.urlopen(f"http://127.0.0.1:{served.info.metrics_port}/metrics", timeout=5)
-        .read()
-        .decode()
-    )
+        # Both forms of a batch count their entities: one message each, and column-wise.
+        pairs = [{"user_id": USERS[1], "item_id": item} for item in ITEMS[:3]]
+        client.predict(MODEL, pairs, columnar=False)
+        client.predict(MODEL, pairs, columnar=True)
+    assert _entities_scored(served) - before == 7
+    text = _metrics(served)
     for name in (
         'headwater_serving_request_seconds_bucket{le="0.005",model="ctr_model",status="OK",version="1"}',
         'headwater_serving_feature_fetch_seconds_count{feature_set="user_activity"}',
