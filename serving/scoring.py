@@ -26,6 +26,7 @@ from serving.runtime import FeatureRead, LoadedModel
 __all__ = ["DeadlineExceeded", "Scored", "event_batch", "score_entities"]
 
 _NO_TIMES = np.empty((0, 0), np.int64)
+_NEVER = np.iinfo(np.int64).max
 
 
 class DeadlineExceeded(Exception):  # noqa: N818 - a signal, mapped to DEADLINE_EXCEEDED by the service
@@ -145,9 +146,13 @@ def _times(event_times: list[list[int | None]], n: int, now_ms: int) -> tuple[np
     """Event times per entity and read (-1: not found), and the age of each entity's oldest."""
     if not event_times:
         return _NO_TIMES, [None] * n
+    if n == 1:  # one entity: numpy's per-call overhead would be most of the work
+        row = [-1 if ts[0] is None else ts[0] for ts in event_times]
+        stored = [t for t in row if t >= 0]
+        return np.array([row], np.int64), [now_ms - min(stored) if stored else None]
     times = np.array([[-1 if t is None else t for t in ts] for ts in event_times], np.int64).T
     found = times >= 0
-    oldest = np.where(found, times, np.iinfo(np.int64).max).min(axis=1)
+    oldest = np.where(found, times, _NEVER).min(axis=1)
     ages: list[int | None] = (now_ms - oldest).tolist()
     if not found.all():
         for i in np.flatnonzero(~found.any(axis=1)).tolist():

@@ -16,6 +16,7 @@ from models.spec import ModelSpec
 from serving.assemble import ColumnarAssembler
 from serving.events import PredictionBatch, PredictionEncoder, named_features, prediction_header
 from serving.limits import ClientRateLimits, InFlight, TokenBucket
+from serving.scoring import _times
 from streams.serde import Serde
 
 COLUMNS = (
@@ -258,3 +259,21 @@ def test_the_columnar_assembly_equals_the_pipelines(repository: FeatureRepositor
         assert np.array_equal(one, want_matrix[i : i + 1]) and one_defaulted == want_defaulted[i : i + 1]
     with_transform = next(s for s in specs() if s.name == "ctr_model")
     assert ColumnarAssembler.build(ModelPipeline(with_transform, repository), reads) is None  # per row, then
+
+
+@pytest.mark.parametrize(
+    "event_times",
+    [[[1_000], [1_500]], [[None], [1_500]], [[None], [None]], [[700]]],
+    ids=["both", "one missing", "none", "one set"],
+)
+def test_feature_ages_of_one_entity_equal_those_of_a_batch(event_times: list[list[int | None]]) -> None:
+    """A single entity's event times and age take a path of their own (no numpy reductions):
+    the same as that entity's in a batch of two."""
+    now = 2_000
+    one_times, one_ages = _times(event_times, 1, now)
+    two_times, two_ages = _times([ts * 2 for ts in event_times], 2, now)
+    np.testing.assert_array_equal(one_times, two_times[:1])
+    assert one_times.dtype == np.int64
+    assert one_ages == two_ages[:1]
+    stored = [ts[0] for ts in event_times if ts[0] is not None]
+    assert one_ages == [now - min(stored) if stored else None]
