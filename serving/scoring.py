@@ -129,7 +129,15 @@ def _live(
 
 def _read(store: OnlineStore, read: FeatureRead, ids: list[str], now_ms: int) -> FeatureValues:
     """One batch read; an entity named several times (a user with many items) is read once."""
-    if len(ids) > 1:
+    n = len(ids)
+    if n > 1:
+        if ids.count(ids[0]) == n:  # one entity for every row: one read, its row repeated
+            one = store.get_values(read.feature_set, ids[:1], read.names, now_ms=now_ms, matrix=True)
+            return FeatureValues(
+                one.values * n,
+                one.event_time_ms * n,
+                None if one.matrix is None else np.repeat(one.matrix, n, axis=0),
+            )
         unique = dict.fromkeys(ids)
         if len(unique) < len(ids):
             got = store.get_values(read.feature_set, list(unique), read.names, now_ms=now_ms, matrix=True)
