@@ -35,8 +35,8 @@ entity, ~0.6 KB with its 50 feature values and two event times).
 Targets (issue 5, one server process): p99 <= 5 ms at 1,000 calls/s, >= 3,000 single-entity
 predictions/s, >= 100,000 scored items/s. The machine's cores are shared by the server and the
 load generators: the figures are for the whole machine as it is. Its speed varies by stretches
-of minutes, so a fixed workload is timed before and after the passes (``machine check``): runs
-compare only beside it.
+of minutes, so two fixed workloads are timed before and after the passes (``machine check``):
+runs compare only beside them.
 """
 
 from __future__ import annotations
@@ -499,31 +499,40 @@ def main() -> int:
     return report(figures, args)
 
 
-def machine_check() -> float:
-    """Milliseconds of a fixed single-threaded workload like the request path's (Python calls,
-    dicts, small numpy arrays), best of five: the same code, on the same machine, takes 1.5x as
-    long in some stretches of minutes as in others (seen here), so the figures of a run are read
-    beside it. Lower is faster."""
+def machine_check() -> tuple[float, float]:
+    """Milliseconds of two fixed single-threaded workloads, best of five each: one like the
+    request path's (Python calls, dicts, small numpy arrays), one gathering from memory (2M
+    random reads from 128 MB, past the caches). The same code on this machine takes 1.5x as long
+    in some stretches of minutes as in others (seen here), so a run's figures are read beside
+    these. Lower is faster."""
     import numpy as np
 
-    def work() -> float:
+    row = np.arange(50, dtype=np.float64)
+    table = np.arange(1 << 24, dtype=np.int64)
+    at = np.random.default_rng(0).integers(0, len(table), 1 << 21)
+
+    def python() -> float:
         started = time.perf_counter()
-        row = np.arange(50, dtype=np.float64)
         for i in range(20_000):
             values = {f"f{j}": j * 0.5 for j in range(8)}
             np.array([list(values.values())]) @ row[:8]
             sorted(values, key=values.__getitem__)[i % 8].encode()
         return (time.perf_counter() - started) * 1e3
 
-    return min(work() for _ in range(5))
+    def memory() -> float:
+        started = time.perf_counter()
+        table[at].sum()
+        return (time.perf_counter() - started) * 1e3
+
+    return min(python() for _ in range(5)), min(memory() for _ in range(5))
 
 
 def report(figures: dict[str, Any], args: argparse.Namespace) -> int:
     print(f"prediction service, one server process, {os.cpu_count()} cores shared with h2load")
-    before, after = figures["machine check ms"]
+    (python_before, memory_before), (python_after, memory_after) = figures["machine check ms"]
     print(
-        f"machine check (a fixed workload; lower is faster): {before:.0f} ms before the passes, "
-        f"{after:.0f} ms after"
+        f"machine check (fixed workloads; lower is faster): Python {python_before:.0f} ms before "
+        f"the passes, {python_after:.0f} ms after; memory {memory_before:.1f} ms, {memory_after:.1f} ms"
     )
     print(
         f"{'pass':<16}{'calls/s':>10}{'items/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
