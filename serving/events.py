@@ -72,7 +72,8 @@ class PredictionBatch:
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """Pickled with its two matrices as raw bytes: the event log pickles every call's batch
         for its sender, and numpy's own pickling costs ~6 µs a call for the two arrays of a
-        single-entity call (10x the rest); bytes and a shape cost a copy."""
+        single-entity call (10x the rest); bytes and a shape cost a copy. Per-entity lists that
+        are all empty travel as None (a quarter of a 100-entity batch's pickling)."""
         matrix, times = self.X, self.times
         return (
             _unpickle_batch,
@@ -89,10 +90,10 @@ class PredictionBatch:
                 self.entity_keys,
                 (matrix.dtype.str, matrix.shape, matrix.tobytes()),  # C order, whatever the layout
                 (times.dtype.str, times.shape, times.tobytes()),
-                self.defaulted,
+                self.defaulted if any(self.defaulted) else None,  # all empty: the usual case
                 self.scores,
                 self.labels,
-                self.ranked_items,
+                self.ranked_items if any(self.ranked_items) else None,
                 self.versions,
             ),
         )
@@ -105,6 +106,10 @@ def _array(dtype: str, shape: tuple[int, ...], data: bytes) -> np.ndarray:
 def _unpickle_batch(*fields: Any) -> PredictionBatch:
     values = list(fields)
     values[10], values[11] = _array(*values[10]), _array(*values[11])
+    n = len(values[9])
+    for at in (12, 15):  # defaulted, ranked_items: a list per entity, sent only if one is not empty
+        if values[at] is None:
+            values[at] = [[] for _ in range(n)]
     return PredictionBatch(*values)
 
 

@@ -120,6 +120,11 @@ def test_a_batch_survives_the_pipe_to_the_sender(serde: Serde, n: int) -> None:
     np.testing.assert_array_equal(copy.X, b.X)
     np.testing.assert_array_equal(copy.times, b.times)
     assert encoder.encode(copy) == encoder.encode(b)
+    plain = batch(rng, 3, defaulted=[[], [], []], ranked_items=[[], [], []])
+    copy = pickle.loads(pickle.dumps(plain))
+    assert copy.defaulted == copy.ranked_items == [[], [], []]
+    copy.defaulted[0].append(1)  # one list per entity, as sent
+    assert copy.defaulted == [[1], [], []]
     empty = batch(rng, 2, X=np.empty((2, 0)), times=np.empty((0, 0), np.int64))
     assert pickle.loads(pickle.dumps(empty)).X.shape == (2, 0)
 
