@@ -122,7 +122,8 @@ class PredictionClient:
 
         ``columnar``: send the entities' keys column-wise (``key_columns``), and get the answer
         column-wise; by default, for two entities or more with the same key names and no
-        per-entity features (far less work on both ends for large batches, same results).
+        per-entity features (far less work on both ends for large batches, same results). A
+        key with the same value for every entity is sent once.
         """
         pb = self._pb
         request = pb.PredictRequest(
@@ -140,7 +141,10 @@ class PredictionClient:
             if entity_features is not None:
                 raise HeadwaterError("entity_features need one message per entity: columnar=False")
             for name in entities[0] if entities else ():
-                request.key_columns.add(name=name, values=[str(e[name]) for e in entities])
+                values = [str(e[name]) for e in entities]
+                if values.count(values[0]) == len(values):  # one user's many items: its key once
+                    values = values[:1]
+                request.key_columns.add(name=name, values=values)
             return request
         for i, keys in enumerate(entities):
             entity = request.entities.add()

@@ -92,6 +92,13 @@ def test_both_forms_of_a_request_get_the_same_answers(served: Served) -> None:
     assert [r.feature_age_ms is None for r in columns] == [r.feature_age_ms is None for r in rows]
     assert columns[-1].defaulted_features and columns[-1].feature_age_ms is not None  # the user was found
     assert len({r.prediction_id for r in [*rows, *columns]}) == 2 * len(entities)
+    # The client itself sends the user's key once, and gets the same answers.
+    with served.client() as client:
+        sent = client.request(MODEL, entities, request_features={"position": 4})
+        assert {c.name: len(c.values) for c in sent.key_columns} == {"user_id": 1, "item_id": len(entities)}
+        assert [comparable(r) for r in client.predict(MODEL, entities, request_features={"position": 4})] == [
+            comparable(r) for r in rows
+        ]
 
 
 def test_an_item_updated_between_calls_is_scored_on_its_new_values(
