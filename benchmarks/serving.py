@@ -222,7 +222,7 @@ def _requests(n_entities: int, count: int, seed: int) -> list[bytes]:
         if n_entities == 1:
             request.entities.add().keys.update({"user_id": user, "item_id": items[0]})
         else:
-            request.key_columns.add(name="user_id", values=[user] * n_entities)
+            request.key_columns.add(name="user_id", values=[user])  # for every entity
             request.key_columns.add(name="item_id", values=items)
         out.append(request.SerializeToString())
     return out
