@@ -140,11 +140,12 @@ class PredictionClient:
         if columnar:
             if entity_features is not None:
                 raise HeadwaterError("entity_features need one message per entity: columnar=False")
-            for name in entities[0] if entities else ():
-                values = [str(e[name]) for e in entities]
-                if values.count(values[0]) == len(values):  # one user's many items: its key once
-                    values = values[:1]
-                request.key_columns.add(name=name, values=values)
+            columns = {name: [str(e[name]) for e in entities] for name in (entities[0] if entities else ())}
+            same = [name for name, values in columns.items() if values.count(values[0]) == len(values)]
+            for name, values in columns.items():
+                # One user's many items: its key once. Not every key once: that is one entity.
+                once = name in same and len(same) < len(columns)
+                request.key_columns.add(name=name, values=values[:1] if once else values)
             return request
         for i, keys in enumerate(entities):
             entity = request.entities.add()

@@ -99,6 +99,9 @@ def test_both_forms_of_a_request_get_the_same_answers(served: Served) -> None:
         assert [comparable(r) for r in client.predict(MODEL, entities, request_features={"position": 4})] == [
             comparable(r) for r in rows
         ]
+        # The same entity twice is two entities: its keys are not collapsed to one.
+        twice = client.predict(MODEL, [entities[0], entities[0]], request_features={"position": 4})
+        assert [(r.score, r.label) for r in twice] == [(rows[0].score, rows[0].label)] * 2
 
 
 def test_an_item_updated_between_calls_is_scored_on_its_new_values(
