@@ -35,8 +35,9 @@ entity, ~0.6 KB with its 50 feature values and two event times).
 Targets (issue 5, one server process): p99 <= 5 ms at 1,000 calls/s, >= 3,000 single-entity
 predictions/s, >= 100,000 scored items/s. The machine's cores are shared by the server and the
 load generators: the figures are for the whole machine as it is. Its speed varies by stretches
-of minutes, so two fixed workloads are timed before and after the passes (``machine check``):
-runs compare only beside them.
+of minutes, so two fixed workloads are timed before and after the passes (``machine check``).
+They catch a machine that is slower at everything; they do not catch the variation between
+runs seen under load (server and sender CPU per call 20 % apart with the same check figures).
 """
 
 from __future__ import annotations
@@ -502,9 +503,9 @@ def main() -> int:
 def machine_check() -> tuple[float, float]:
     """Milliseconds of two fixed single-threaded workloads, best of five each: one like the
     request path's (Python calls, dicts, small numpy arrays), one gathering from memory (2M
-    random reads from 128 MB, past the caches). The same code on this machine takes 1.5x as long
-    in some stretches of minutes as in others (seen here), so a run's figures are read beside
-    these. Lower is faster."""
+    random reads from 128 MB, past the caches). The same code on this machine took 1.5x as long
+    in some stretches of minutes as in others (seen here, in-process reads included): these
+    show such a stretch. Lower is faster."""
     import numpy as np
 
     row = np.arange(50, dtype=np.float64)
