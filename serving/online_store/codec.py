@@ -390,10 +390,8 @@ class _DecodedRows:
         with self._lock:
             block: np.ndarray | None = None
             if new and self.numeric:
-                try:
-                    block = np.array([picked for _, picked in new], dtype=np.float64).reshape(len(new), -1)
-                except (TypeError, ValueError):
-                    self.numeric = False
+                block = as_matrix([picked for _, picked in new], self.data.shape[1])
+                self.numeric = block is not None
             if not self.numeric:
                 return None
             start = len(self.values)
