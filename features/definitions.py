@@ -30,6 +30,7 @@ Min, Max, Last and Ratio.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ __all__ = [
     "Sum",
     "aggregation",
     "default_catalog",
+    "feature_set_by_layout",
     "source_fields",
 ]
 
@@ -316,6 +318,24 @@ class Ratio(Aggregation):
         return f"Ratio({self.numerator!r}, {self.denominator!r}, windows={list(self.windows)!r}{extra})"
 
 
+# Every feature set built in this process, by layout id (see FeatureSet._layout_id): readers of
+# tiles find the definition that wrote them here. A process knows the feature sets it loaded
+# (the repository of its settings); the first definition of an id wins.
+_BY_LAYOUT: dict[int, FeatureSet] = {}
+
+
+def feature_set_by_layout(layout_id: int) -> FeatureSet:
+    """The feature set whose tiles carry ``layout_id``; NotFoundError if this process has not loaded it."""
+    fs = _BY_LAYOUT.get(layout_id)
+    if fs is None:
+        raise NotFoundError(
+            f"feature tiles of layout {layout_id:x} were written by a feature set definition this process "
+            "has not loaded: load the repository that defines it (settings.feature_repository), "
+            f"known: {', '.join(sorted(f'{f.name} v{f.version}' for f in _BY_LAYOUT.values())) or 'none'}"
+        )
+    return fs
+
+
 AGGREGATIONS: dict[str, type[Aggregation]] = {
     cls.__name__: cls for cls in (Count, Sum, Mean, Min, Max, Last, ApproxDistinct, Ratio)
 }
@@ -394,6 +414,22 @@ class FeatureSet:
         self.aggregations = tuple(features)
         self.features = self._resolve(where)
         self.ttl_ms = parse_duration(ttl, f"{where}: ttl") if ttl is not None else self.max_window_ms
+        self.layout_id = self._layout_id()
+        _BY_LAYOUT.setdefault(self.layout_id, self)
+
+    def _layout_id(self) -> int:
+        """A 63-bit fingerprint of everything that gives a feature update's tiles their meaning.
+
+        Tiles (see :mod:`features.engine`) are partial aggregates laid out by this definition's
+        windows and measures; a reader that evaluates them at read time must use the definition
+        that wrote them, which it finds by this id (:func:`feature_set_by_layout`).
+        """
+        parts = [self.name, str(self.version), self.entity, self.source]
+        for f in self.features:
+            measures = ";".join(f"{m.kind},{m.field},{m.where!r}" for m in f.measures)
+            parts.append(f"{f.name}|{f.kind}|{f.window_ms}|{measures}")
+        digest = hashlib.blake2b("\n".join(parts).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") >> 1
 
     def _resolve(self, where: str) -> tuple[Feature, ...]:
         if not self.aggregations:

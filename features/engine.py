@@ -4,8 +4,8 @@
 its entity's state and returns the ``feature_update`` records it causes: one for the event
 itself, plus corrections when the event came out of order (see :mod:`features.windows`,
 which defines what every number means). Nothing here does I/O or reads a clock: the
-caller passes ``write_time``, and the state is plain data that :meth:`EntityState.to_bytes`
-turns into bytes for a Faust table or RocksDB.
+caller passes ``write_time`` (the time of processing) and the watermarks, and the state is
+plain data that :meth:`EntityState.to_bytes` turns into bytes for the processor's store.
 
 Per entity and window the state is one partial aggregate per tile: the current tile, the
 closed tiles still inside the window (plus those an in-lateness event may still need),
@@ -14,8 +14,25 @@ costs a few additions; when a tile closes, counts and integer sums subtract the 
 that left the window, and the other aggregates (float sums, min, max, last, distinct) are
 recomputed from the tiles in order, which keeps float sums in the same order as the
 ClickHouse backfill. The state also keeps a snapshot of the partial aggregates at each
-event time within the allowed lateness: an out-of-order event starts from the snapshot
-just before it, and is added to the snapshots after it, which become the corrections.
+event time within the lateness (with that time's own-tile partials and the ids of its
+events): an out-of-order event starts from the snapshot just before it, and is added to the
+snapshots after it, which become the corrections; a second event with an id already seen
+there is a duplicate (a client's retry) and counts once.
+
+**Tiles in every update.** A value at event time t does not stay true: as time passes,
+tiles leave the window (an inactive user's ``clicks_24h`` falls to 0). So every update also
+carries its entity's tiles at t, the partial aggregates of each window's tiles from the
+window's first tile to t's own (up to t), and ``valid_until``: the first time a non-empty
+tile leaves a window, before which the values hold as given. A reader at time r >= t
+evaluates the windows at r from the tiles (:meth:`Aggregator.evaluate`, with
+:func:`evaluate_tiles` to find the definition by the tiles' layout id): the online store on
+every read past ``valid_until``, training sets at each label time. The tiles are msgpack::
+
+    [layout id, [window: [tile row: [tile index, partial of each of the window's measures]]]]
+
+with rows ascending by tile index; a ``last`` partial is its value, a distinct sketch its
+bucket numbers. Closed tiles are encoded once and cached with the entity's state, so an
+in-order event encodes only its own tile.
 
 A feature set's filters and per-event contributions, and the finalisation of its values,
 are compiled once into two small Python lambdas (readable in ``contributions_source`` and
@@ -29,17 +46,19 @@ import json
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
-from dataclasses import dataclass
-from operator import add
+from dataclasses import dataclass, field
+from functools import cache
+from operator import add, itemgetter
 from typing import Any
 
+import msgpack
 import xxhash
 
-from features.definitions import FeatureSet, Measure
+from features.definitions import FeatureSet, Measure, feature_set_by_layout
 from features.windows import distinct_bucket, distinct_estimate, tile_ms
 from headwater.errors import HeadwaterError
 
-__all__ = ["Aggregator", "EntityState", "EventRejected", "update_event_id"]
+__all__ = ["Aggregator", "EntityState", "EventRejected", "evaluate_tiles", "tiles_layout", "update_event_id"]
 
 Partial = Any  # int | float | None | [t, event_id, value] | bucket bitmask (int)
 Snapshot = list[Partial]  # every window's partials, flat (see _WindowPlan)
@@ -143,6 +162,29 @@ def _call(combine: Callable[[Partial, Partial], Partial], a: Partial, b: Partial
     return combine(a, b)
 
 
+_packb = msgpack.packb
+_index = itemgetter(0)
+
+
+def _bits(mask: int) -> list[int]:
+    """The bucket numbers set in a distinct sketch, ascending (msgpack has no 1,024-bit integers)."""
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
+
+
+def _array_header(count: int) -> bytes:
+    """A msgpack array header: rows encoded one by one are joined under it without a re-encode."""
+    if count < 16:
+        return bytes((0x90 | count,))
+    if count < 1 << 16:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
 class _WindowPlan:
     """Static facts about one window of a feature set: its tiles and its slice of the partials.
 
@@ -168,6 +210,43 @@ class _WindowPlan:
         ]
         self.exact_at = [(offset + j, j) for j, e in enumerate(exact) if e]  # (flat position, j)
         self.recompute = [j for j, e in enumerate(exact) if not e]
+        kinds = [all_measures[i].kind for i in measures]
+        # Tile rows (see the module docstring): measures whose partial is not plain msgpack data.
+        self.lasts = [j for j, k in enumerate(kinds) if k == "last"]
+        self.sketches = [j for j, k in enumerate(kinds) if k == "distinct"]
+
+    def row(self, index: int, part: list[Partial]) -> bytes:
+        """One tile as a msgpack row: its index, then each measure's partial."""
+        if self.lasts or self.sketches:
+            part = list(part)
+            for j in self.lasts:
+                if part[j] is not None:
+                    part[j] = part[j][2]  # the value: rows are in time order, so the last wins
+            for j in self.sketches:
+                part[j] = _bits(part[j])
+        row: bytes = _packb([index, *part])
+        return row
+
+    def suffix(self, rows: list[list[Any]], lo: int) -> tuple[list[Partial], int | None]:
+        """The partials of the tiles with index >= lo among ``rows`` (a decoded window), combined
+        oldest first like :meth:`fold`, and when the first of those tiles leaves the window
+        (None: no tile left, the window stays empty)."""
+        acc = self.identity.copy()
+        combine, lasts, sketches = self.combine, self.lasts, self.sketches
+        first = bisect_left(rows, lo, key=_index)
+        leaves = (rows[first][0] + self.n) * self.tile if first < len(rows) else None
+        for row in rows[first:]:
+            part = row[1:]
+            for j in lasts:
+                if part[j] is not None:
+                    part[j] = [row[0], "", part[j]]  # ordered by tile: a later row is later
+            for j in sketches:
+                mask = 0
+                for bucket in part[j]:
+                    mask |= 1 << bucket
+                part[j] = mask
+            acc = list(map(_call, combine, acc, part))
+        return acc, leaves
 
     def fold(self, starts: list[int], parts: list[list[Partial]], lo: int, hi: int) -> list[Partial]:
         """Aggregate of the closed tiles with lo <= index <= hi, combined oldest first."""
@@ -186,7 +265,8 @@ class EntityState:
     are in ``current`` and the closed tiles of its window combined are in ``previous`` (both
     flat, see :class:`_WindowPlan`); ``starts[w]``/``parts[w]`` are the closed tiles kept.
     ``times``/``snapshots`` hold the partials at each distinct event time within the
-    lateness and the one before it, ascending.
+    lateness and the one before it, ascending; ``owns`` the same times' own-tile partials
+    (what a tile row of an update at that time holds) and ``ids`` the ids of their events.
     """
 
     max_time: int | None  # largest accepted event time
@@ -197,23 +277,53 @@ class EntityState:
     parts: list[list[list[Partial]]]
     times: list[int]
     snapshots: list[Snapshot]
+    owns: list[Snapshot]
+    ids: list[list[str]]
+    # Derived from the closed tiles, so never stored, and dropped when a closed tile changes out
+    # of order: per window each closed tile's encoded row (parallel to ``starts``), and the
+    # rows an update's tiles last joined: (first tile, own tile, joined rows, count, first index).
+    rows: list[list[bytes]] | None = field(default=None)
+    joined: dict[int, tuple[int, int, bytes, int, int]] | None = field(default=None)
 
     def to_bytes(self) -> bytes:
         return json.dumps([getattr(self, s) for s in _STATE_FIELDS], separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> EntityState:
-        return cls(*json.loads(raw))
+        fields = json.loads(raw)
+        if len(fields) != len(_STATE_FIELDS):
+            raise HeadwaterError(
+                "a feature processor's stored state predates the window tiles of this version: "
+                "delete the processor's state folder (<data_dir>/state/features-*) and process the "
+                "source topic again"
+            )
+        return cls(*fields)
 
 
-_STATE_FIELDS = ("max_time", "tiles", "current", "previous", "starts", "parts", "times", "snapshots")
+_STATE_FIELDS = (
+    "max_time", "tiles", "current", "previous", "starts", "parts", "times", "snapshots", "owns", "ids",
+)  # fmt: skip
 
 
 class Aggregator:
-    """Computes one feature set over its source events, one event at a time."""
+    """Computes one feature set over its source events, one event at a time.
+
+    Lateness is judged against a watermark the caller passes per event (``late_before``: the
+    event is too late below it) with the state's retention ``horizon`` (no event below it can
+    still be accepted, so the state keeps nothing older); the stream processor derives both
+    from its input partitions (:mod:`features.windows`). Without them the input is one
+    partition: an event is too late when it is more than the lateness behind the largest
+    event time accepted so far. ``max_future_ms``: an event time further than that ahead of
+    ``write_time`` (the time of processing) is rejected as ``future`` (a client with a wrong
+    clock must not become every entity's latest time).
+    """
 
     def __init__(
-        self, feature_set: FeatureSet, states: MutableMapping[str, EntityState] | None = None
+        self,
+        feature_set: FeatureSet,
+        states: MutableMapping[str, EntityState] | None = None,
+        *,
+        max_future_ms: int | None = None,
     ) -> None:
         fs = feature_set
         self.feature_set = fs
@@ -221,6 +331,8 @@ class Aggregator:
         self.stats: Counter[str] = Counter()
         self._entity, self._name, self._version = fs.entity, fs.name, fs.version
         self._lateness = fs.lateness_ms
+        self.max_future_ms = max_future_ms
+        self.max_time: int | None = None  # largest event time accepted (the one-partition watermark)
         measures: list[Measure] = []
         for feature in fs.features:
             measures.extend(m for m in feature.measures if m not in measures)
@@ -258,6 +370,8 @@ class Aggregator:
         self._others = [(pos, i, comb) for pos, i, comb in flat if comb is not _add]
         self._combine = [comb for _, _, comb in flat]
         self._identity = [x for p in self._windows for x in p.identity]
+        # Every tile blob starts with [layout id, [window 1, window 2, ...]]: its first bytes.
+        self._tiles_head = _array_header(2) + _packb(fs.layout_id) + _array_header(len(self._windows))
         values: list[str] = []
         for feature in fs.features:
             plan = self._windows[window_ms.index(feature.window_ms)]
@@ -277,7 +391,7 @@ class Aggregator:
         k = len(self._windows)
         return EntityState(
             None, [-1] * k, self._identity.copy(), self._identity.copy(), [[] for _ in range(k)],
-            [[] for _ in range(k)], [], [],
+            [[] for _ in range(k)], [], [], [], [],
         )  # fmt: skip
 
     def entity_key(self, record: Record) -> str:
@@ -287,22 +401,40 @@ class Aggregator:
             raise EventRejected("missing_entity", f"{self._name}: event has no {self._entity} (entity key)")
         return key if type(key) is str else str(key)
 
-    def apply(self, record: Record, write_time: int) -> list[dict[str, Any]]:
+    def apply(
+        self,
+        record: Record,
+        write_time: int,
+        *,
+        late_before: int | None = None,
+        horizon: int | None = None,
+    ) -> list[dict[str, Any]]:
         """Fold one event into its entity's state in :attr:`states`; return the updates it causes.
 
         The first update is the event's own (values at its event time); any further ones are
         corrections of later event times, ascending. Raises :class:`EventRejected` for an
-        event without entity key, event time or event id, or one beyond the allowed lateness.
+        event without entity key, event time or event id, one beyond the allowed lateness
+        (below ``late_before``), one too far in the future, and a duplicate of an event id
+        already counted. See the class docstring for ``late_before`` and ``horizon``.
         """
         key = self.entity_key(record)
         state = self.states.get(key)
         if state is None:
             state = self.new_state()
-        updates = self.step(state, key, record, write_time)
+        updates = self.step(state, key, record, write_time, late_before=late_before, horizon=horizon)
         self.states[key] = state
         return updates
 
-    def step(self, state: EntityState, key: str, record: Record, write_time: int) -> list[dict[str, Any]]:
+    def step(
+        self,
+        state: EntityState,
+        key: str,
+        record: Record,
+        write_time: int,
+        *,
+        late_before: int | None = None,
+        horizon: int | None = None,
+    ) -> list[dict[str, Any]]:
         """The pure core: fold ``record`` into ``state`` (of entity ``key``, mutated); return the updates."""
         t = record.get("event_time")
         if type(t) is not int or t < 0:
@@ -312,22 +444,63 @@ class Aggregator:
         if type(source_id) is not str or not source_id:
             self.stats["rejected_missing_event_id"] += 1
             raise EventRejected("missing_event_id", f"{self._name}: event has no event_id")
-        contributions = self._contributions(record, t, source_id)
-        max_time = state.max_time
-        if max_time is None or t >= max_time:
-            snapshot = self._in_order(state, t, contributions)
-            return [self._update(key, t, source_id, snapshot, write_time)]
-        if t < max_time - self._lateness:
+        if self.max_future_ms is not None and t > write_time + self.max_future_ms:
+            self.stats["rejected_future"] += 1
+            raise EventRejected(
+                "future",
+                f"{self._name}: event {source_id} of {key} at {t} is {t - write_time} ms ahead of the "
+                f"time of processing (more than {self.max_future_ms} ms): is the sender's clock right?",
+            )
+        if late_before is None:  # one partition: the watermark is the largest time accepted
+            late_before = self.max_time - self._lateness if self.max_time is not None else t
+        if t < late_before:
             self.stats["rejected_too_late"] += 1
             raise EventRejected(
                 "too_late",
                 f"{self._name}: event {source_id} of {key} at {t} is more than {self._lateness} ms "
-                f"behind the entity's latest event time {max_time}",
+                f"behind its partition's watermark ({late_before + self._lateness})",
             )
+        times = state.times
+        if times and t <= times[-1]:
+            pos = bisect_left(times, t)
+            if pos < len(times) and times[pos] == t and source_id in state.ids[pos]:
+                self.stats["rejected_duplicate"] += 1
+                raise EventRejected(
+                    "duplicate", f"{self._name}: event {source_id} of {key} at {t} was already counted"
+                )
+        if horizon is None:
+            horizon = late_before
+        if self.max_time is None or t > self.max_time:
+            self.max_time = t
+        contributions = self._contributions(record, t, source_id)
+        max_time = state.max_time
+        if max_time is None or t >= max_time:
+            snapshot, own = self._in_order(state, t, source_id, contributions, horizon)
+            return [self._update(state, key, t, source_id, snapshot, own, write_time)]
         self.stats["out_of_order"] += 1
         return self._out_of_order(
             state, key, t, source_id, contributions=contributions, write_time=write_time
         )
+
+    def evaluate(self, tiles: bytes, at: int) -> tuple[dict[str, Any], int | None]:
+        """Every feature's value at time ``at`` from an update's tiles, and the first time after
+        ``at`` that a value may change (a tile leaves a window; None: every window is empty and
+        stays so). ``at`` before the update's event time reads as that time: tiles hold nothing
+        older."""
+        layout, windows = msgpack.unpackb(tiles)
+        if layout != self.feature_set.layout_id:
+            raise HeadwaterError(
+                f"{self._name}: tiles of layout {layout:x} given to the definition of layout "
+                f"{self.feature_set.layout_id:x}: use evaluate_tiles"
+            )
+        snapshot: Snapshot = []
+        until: int | None = None
+        for plan, rows in zip(self._windows, windows, strict=True):
+            part, leaves = plan.suffix(rows, at // plan.tile - plan.n + 1)
+            snapshot.extend(part)
+            if leaves is not None and (until is None or leaves < until):
+                until = leaves
+        return self.values(snapshot), until
 
     def evict_idle(self, before: int) -> int:
         """Forget entities whose latest event is older than ``before``; returns how many.
@@ -344,9 +517,17 @@ class Aggregator:
 
     # --- internals -------------------------------------------------------------------------------
 
-    def _update(
-        self, key: str, t: int, source_id: str, snapshot: Snapshot, write_time: int
+    def _update(  # noqa: PLR0917 - internal, called in three places with the same order
+        self,
+        state: EntityState,
+        key: str,
+        t: int,
+        source_id: str,
+        snapshot: Snapshot,
+        own: Snapshot,
+        write_time: int,
     ) -> dict[str, Any]:
+        tiles, valid_until = self._tiles(state, t, own)
         return {
             "event_id": update_event_id(self._name, self._version, key, t, source_id),
             "feature_set": self._name,
@@ -356,14 +537,46 @@ class Aggregator:
             "write_time": write_time,
             "values": self.values(snapshot),
             "source": "STREAM",
+            "valid_until": valid_until,
+            "tiles": tiles,
         }
 
-    def _in_order(self, state: EntityState, t: int, contributions: list[Partial]) -> list[Partial]:
+    def _tiles(self, state: EntityState, t: int, own: Snapshot) -> tuple[bytes, int]:
+        """The tiles of an update at t (own: t's own-tile partials) and until when its values hold."""
+        out = [self._tiles_head]
+        valid_until: int | None = None
+        rows, joined = state.rows, state.joined
+        if rows is None:
+            rows = state.rows = [
+                [plan.row(i, part) for i, part in zip(state.starts[w], state.parts[w], strict=True)]
+                for w, plan in enumerate(self._windows)
+            ]
+        if joined is None:
+            joined = state.joined = {}
+        for w, plan in enumerate(self._windows):
+            c = t // plan.tile
+            lo = c - plan.n + 1
+            cached = joined.get(w)
+            if cached is None or cached[0] != lo or cached[1] != c:
+                starts = state.starts[w]
+                first, end = bisect_left(starts, lo), bisect_left(starts, c)
+                closed = b"".join(rows[w][first:end])
+                cached = joined[w] = (lo, c, closed, end - first, starts[first] if end > first else c)
+            out += (_array_header(cached[3] + 1), cached[2], plan.row(c, own[plan.offset : plan.end]))
+            leaves = (cached[4] + plan.n) * plan.tile  # when the oldest non-empty tile leaves
+            if valid_until is None or leaves < valid_until:
+                valid_until = leaves
+        assert valid_until is not None  # a feature set has at least one window
+        return b"".join(out), valid_until
+
+    def _in_order(
+        self, state: EntityState, t: int, source_id: str, contributions: list[Partial], horizon: int
+    ) -> tuple[Snapshot, Snapshot]:
         state.max_time = t
         tiles = state.tiles
         for w, size in enumerate(self._tile_sizes):
             if t // size != tiles[w]:
-                self._advance(state, w, t // size, t - self._lateness)
+                self._advance(state, w, t // size, horizon)
         cur = state.current
         for pos, i in self._adds:
             x = contributions[i]
@@ -377,19 +590,23 @@ class Aggregator:
             snapshot = list(map(_call, self._combine, state.previous, cur))
         else:
             snapshot = list(map(add, state.previous, cur))
+        own = cur.copy()
         times, snapshots = state.times, state.snapshots
         if times and times[-1] == t:
             snapshots[-1] = snapshot
-            return snapshot
+            state.owns[-1] = own
+            state.ids[-1].append(source_id)
+            return snapshot, own
         times.append(t)
         snapshots.append(snapshot)
-        horizon = t - self._lateness
+        state.owns.append(own)
+        state.ids.append([source_id])
         if len(times) > 2 and times[1] < horizon:
-            # Keep every time within the lateness, and the latest one before it: a late event
+            # Keep every time from the horizon on, and the latest one before it: a late event
             # whose predecessor is that old starts from it.
             cut = len(times) - 2 if times[-2] < horizon else bisect_left(times, horizon) - 1
-            del times[:cut], snapshots[:cut]
-        return snapshot
+            del times[:cut], snapshots[:cut], state.owns[:cut], state.ids[:cut]
+        return snapshot, own
 
     def _advance(self, state: EntityState, w: int, c: int, horizon: int) -> None:
         """Close window w's newest tile and open tile ``c`` (a later one)."""
@@ -413,13 +630,17 @@ class Aggregator:
                     prev[pos] += closing[j]
             starts.append(old)
             parts.append(closing)
+            if state.rows is not None:
+                state.rows[w].append(self._windows[w].row(old, closing))
         state.tiles[w] = c
         cur[o:end] = identity
-        # Keep the tiles an event still within the lateness may need for its window.
-        keep_from = horizon // tile - n + 1
+        # Keep the tiles an event still within the horizon may need for its window.
+        keep_from = min(horizon // tile, c) - n + 1
         if starts and starts[0] < keep_from:
             cut = bisect_left(starts, keep_from)
             del starts[:cut], parts[:cut]
+            if state.rows is not None:
+                del state.rows[w][:cut]
         if recompute:
             folded = self._windows[w].fold(starts, parts, lo, c - 1)
             for j in recompute:
@@ -435,6 +656,7 @@ class Aggregator:
         contributions: list[Partial],
         write_time: int,
     ) -> list[dict[str, Any]]:
+        state.rows = state.joined = None  # a closed tile may change: its encoded row too
         # 1. Into its tile, and into `previous` when that tile is inside the newest tile's window.
         for w, plan in enumerate(self._windows):
             own = [(j, contributions[i]) for j, i in enumerate(plan.measures) if contributions[i] is not None]
@@ -453,33 +675,48 @@ class Aggregator:
                 parts[k][j] = plan.combine[j](parts[k][j], x)
                 if c > state.tiles[w] - plan.n:
                     state.previous[o + j] = plan.combine[j](state.previous[o + j], x)
-        # 2. Its own values: the snapshot just before it (same tile) or the closed tiles, plus itself.
-        times, snapshots = state.times, state.snapshots
+        # 2. Its own values: the snapshot just before it (same tile) or the closed tiles, plus itself;
+        #    its own tile's partials likewise.
+        times, snapshots, owns = state.times, state.snapshots, state.owns
         pos = bisect_right(times, t)
         before = pos - 1 if pos > 0 else None
         snapshot: Snapshot = []
+        own_tile: Snapshot = []
         for w, plan in enumerate(self._windows):
             c = t // plan.tile
             if before is not None and times[before] // plan.tile == c:
-                part = snapshots[before][plan.offset : plan.end]
+                snapshot.extend(snapshots[before][plan.offset : plan.end])
+                own_tile.extend(owns[before][plan.offset : plan.end])
             else:
-                part = plan.fold(state.starts[w], state.parts[w], c - plan.n + 1, c - 1)
-            snapshot.extend(part)
-        self._add_to(snapshot, contributions, range(len(self._windows)))
+                snapshot.extend(plan.fold(state.starts[w], state.parts[w], c - plan.n + 1, c - 1))
+                own_tile.extend(plan.identity)
+        every = range(len(self._windows))
+        self._add_to(snapshot, contributions, every)
+        self._add_to(own_tile, contributions, every)
         if before is not None and times[before] == t:
             snapshots[before] = snapshot
+            owns[before] = own_tile
+            state.ids[before].append(source_id)
         else:
             times.insert(pos, t)
             snapshots.insert(pos, snapshot)
+            owns.insert(pos, own_tile)
+            state.ids.insert(pos, [source_id])
             pos += 1
-        updates = [self._update(key, t, source_id, snapshot, write_time)]
+        updates = [self._update(state, key, t, source_id, snapshot, own_tile, write_time)]
         if all(x is None for x in contributions):
             return updates
-        # 3. Corrections: every later event time whose window reaches back to t.
-        for later_t, later in zip(times[pos:], snapshots[pos:], strict=True):
+        # 3. Corrections: every later event time whose window reaches back to t (and, in the
+        #    windows where it shares t's tile, its own tile's partials).
+        for later_pos in range(pos, len(times)):
+            later_t, later = times[later_pos], snapshots[later_pos]
             reached = [w for w, p in enumerate(self._windows) if t >= (later_t // p.tile - p.n + 1) * p.tile]
             if self._add_to(later, contributions, reached):
-                updates.append(self._update(key, later_t, source_id, later, write_time))
+                shared = [w for w in reached if later_t // self._tile_sizes[w] == t // self._tile_sizes[w]]
+                self._add_to(owns[later_pos], contributions, shared)
+                updates.append(
+                    self._update(state, key, later_t, source_id, later, owns[later_pos], write_time)
+                )
                 self.stats["corrections"] += 1
         return updates
 
@@ -494,3 +731,23 @@ class Aggregator:
                     snapshot[pos] = plan.combine[j](snapshot[pos], contributions[i])
                     changed = True
         return changed
+
+
+@cache
+def _aggregator(layout_id: int) -> Aggregator:
+    return Aggregator(feature_set_by_layout(layout_id))
+
+
+def tiles_layout(tiles: bytes) -> int:
+    """The layout id an update's tiles start with (the first element of their msgpack array)."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(tiles)
+    unpacker.read_array_header()
+    layout: int = unpacker.unpack()
+    return layout
+
+
+def evaluate_tiles(tiles: bytes, at: int) -> tuple[dict[str, Any], int | None]:
+    """:meth:`Aggregator.evaluate` by the definition that wrote the tiles (found by the layout id
+    they carry; NotFoundError if this process has not loaded it)."""
+    return _aggregator(tiles_layout(tiles)).evaluate(tiles, at)

@@ -206,6 +206,25 @@ class ProcessorSettings(BaseModel):
             "Faust's consumer_max_fetch_size)"
         ),
     )
+    future_skew_s: float = Field(
+        300.0,
+        gt=0,
+        description=(
+            "Feature processors: an event time more than this ahead of the time of processing is "
+            "dead-lettered with reason 'future' and moves no watermark (a sender with a wrong clock "
+            "would otherwise make every later genuine event of its entity too late)"
+        ),
+    )
+    idle_partition_s: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Feature processors: an input partition that delivered nothing for this long stops holding "
+            "back the watermark that bounds state; its later events older than that watermark minus the "
+            "lateness are dead-lettered as too late. Longer tolerates a slower partition, at the cost of "
+            "state kept for out-of-order events"
+        ),
+    )
 
 
 class Settings(BaseSettings):

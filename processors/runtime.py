@@ -108,7 +108,12 @@ class StreamRunner:
             # passed, even when records arrived meanwhile: ~250 ms more per hop of freshness.
             config={"fetch.wait.max.ms": FETCH_WAIT_MAX_MS},
         )  # fmt: skip
-        self._aligner = _Aligner(self.consumer, batch_size) if processor.event_time_aligned else None
+        self._aligner = (
+            _Aligner(self.consumer, batch_size, future_ms=_future_ms(processor), clock=clock)
+            if processor.event_time_aligned
+            else None
+        )
+        self._logical = {self.consumer.catalog.name(t): t for t in processor.inputs}
         # Next input offsets of everything handled since the last commit (a processor may hold
         # several batches before ``should_flush``).
         self._uncommitted: dict[Position, int] = {}
@@ -127,6 +132,10 @@ class StreamRunner:
         else:
             events, positions = self._aligner.release(polled)
         if events or positions:
+            watch = getattr(self.processor, "watch", None)
+            if watch is not None:  # the partitions whose watermarks matter (processors.features)
+                logical = self._logical
+                watch({(logical[t], p) for t, p in self.consumer.assignment() if t in logical})
             effects = self.processor.handle(events, int(self._clock() * 1000))
             send = self.producer.send
             for topic, record in effects.outputs:
@@ -183,15 +192,29 @@ class _Aligner:
     sees one entity's events spread over partitions, fetched in arbitrary interleaving. The
     aligner buffers each partition and releases the event with the smallest event time among
     the partitions' heads, as long as every partition either has a buffered event or has
-    reached its end (a partition with nothing to say cannot hold back the others). Positions
-    to commit stop at the first event still buffered, so a crash replays exactly those.
-    A partition whose buffer passes ``max_buffered`` is paused until it drains.
+    reached its end (a partition with nothing to say cannot hold back the others). Ties in
+    event time go to the partition first in (topic, partition) order, so a backlog is released
+    in the same order however its partitions were fetched. An event dated more than
+    ``future_ms`` ahead of now is released at once (it will be rejected as from the future;
+    at its partition's head it would hold the partition back forever). Positions to commit
+    stop at the first event still buffered, so a crash replays exactly those. A partition
+    whose buffer passes ``max_buffered`` is paused until it drains.
     """
 
-    def __init__(self, consumer: EventConsumer, batch_size: int, max_buffered: int = 50_000) -> None:
+    def __init__(
+        self,
+        consumer: EventConsumer,
+        batch_size: int,
+        max_buffered: int = 50_000,
+        *,
+        future_ms: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.consumer = consumer
         self.batch_size = batch_size
         self.max_buffered = max_buffered
+        self.future_ms = future_ms
+        self._clock = clock
         self._buffers: dict[Position, deque[Event]] = {}
         self._paused: set[Position] = set()
         self._physical = {s.logical: consumer.catalog.name(s.logical) for s in consumer.catalog.specs()}
@@ -212,21 +235,27 @@ class _Aligner:
         def holds_back(tp: Position) -> bool:  # a partition that may still bring older events
             return tp in assigned and not buffers.get(tp) and not at_end(*tp)
 
-        # A k-way merge on a heap of the partitions' heads: the smallest event time first, ties
-        # to the partition buffered first (what min() over the heads in buffer order picked,
-        # at a tenth of the cost per event). Only a partition running empty can start holding
-        # the merge back, so that is checked when one does.
+        # A k-way merge on a heap of the partitions' heads, smallest (event time, partition)
+        # first. Only a partition running empty can start holding the merge back, so that is
+        # checked when one does.
         if not any(holds_back(tp) for tp in assigned):
-            order = {tp: i for i, tp in enumerate(buffers)}
-            heap = [(b[0].record.get("event_time", 0), order[tp], tp) for tp, b in buffers.items() if b]
+            latest = None if self.future_ms is None else int(self._clock() * 1000) + self.future_ms
+
+            def order(event: Event) -> int:
+                t = event.record.get("event_time")
+                if type(t) is not int or (latest is not None and t > latest):
+                    return -1  # rejected when handled: released at once
+                return t
+
+            heap = [(order(b[0]), tp) for tp, b in buffers.items() if b]
             heapq.heapify(heap)
             limit, append = self.batch_size, out.append
             while heap and len(out) < limit:
-                _, i, tp = heap[0]
+                _, tp = heap[0]
                 buffer = buffers[tp]
                 append(buffer.popleft())
                 if buffer:
-                    heapq.heapreplace(heap, (buffer[0].record.get("event_time", 0), i, tp))
+                    heapq.heapreplace(heap, (order(buffer[0]), tp))
                 else:
                     heapq.heappop(heap)
                     if holds_back(tp):
@@ -249,6 +278,13 @@ class _Aligner:
         if drained:
             self.consumer.resume(drained)
             self._paused.difference_update(drained)
+
+
+def _future_ms(processor: Processor) -> int | None:
+    """How far ahead of now a processor's events may be dated (None: no limit)."""
+    aggregator = getattr(processor, "aggregator", None)
+    future: int | None = getattr(aggregator, "max_future_ms", None)
+    return future
 
 
 class _LongLivedObjects:

@@ -41,9 +41,10 @@ class StateStore:
             return None if value is None else bytes(value)
 
     def state_keys(self) -> Iterator[str]:
+        """Keys of the states (a processor's own bookkeeping, under keys starting with NUL, left out)."""
         with self._env.begin() as txn:
             for raw in txn.cursor().iternext(keys=True, values=False):
-                if raw != _POSITIONS:
+                if not bytes(raw).startswith(b"\x00"):
                     yield bytes(raw).decode()
 
     def positions(self) -> dict[Position, int]:

@@ -18,7 +18,7 @@ from features.engine import EntityState
 from features.repository import FeatureRepository
 from headwater.errors import ConfigError, HeadwaterError, NotFoundError
 from headwater.settings import Settings
-from processors.features import FeatureProcessor
+from processors.features import WATERMARKS_KEY, FeatureProcessor
 from processors.lake import LakeWriter
 from processors.lake_sink import LakeSink
 from processors.online_writer import OnlineStoreWriter
@@ -78,7 +78,13 @@ def build_hosts(
     def features(name: str) -> Callable[[], Host]:
         def build() -> Host:
             store = StateStore(settings.data_dir / "state" / f"features-{name}")
-            processor = FeatureProcessor(repository.feature_set(name), StoredStates(store, EntityState))
+            processor = FeatureProcessor(
+                repository.feature_set(name),
+                StoredStates(store, EntityState),
+                max_future_ms=round(settings.processors.future_skew_s * 1000),
+                idle_partition_ms=round(settings.processors.idle_partition_s * 1000),
+                watermarks=store.get(WATERMARKS_KEY),
+            )
             return host(settings, serde, processor, state=store)
 
         return build

@@ -66,7 +66,7 @@ from faust.types import TP
 from headwater.errors import ConfigError, HeadwaterError
 from headwater.settings import Settings
 from processors.faust.consumer import PositionedConsumer, Records, faust_app
-from processors.runtime import Processor, _Aligner, _LongLivedObjects
+from processors.runtime import Processor, _Aligner, _future_ms, _LongLivedObjects
 from processors.state_store import Position, StateStore
 from streams.consumer import Event, EventConsumer, dead_letter_record
 from streams.consumer import _event as _new_event
@@ -120,7 +120,13 @@ class FaustHost:
         # The runtime's aligner asks a consumer for its assignment, partition ends and pending
         # positions; this host answers from Faust's consumer (see the methods below).
         self._aligner = (
-            _Aligner(cast(EventConsumer, self), self.batch_size, max_buffered)
+            _Aligner(
+                cast(EventConsumer, self),
+                self.batch_size,
+                max_buffered,
+                future_ms=_future_ms(processor),
+                clock=clock,
+            )
             if processor.event_time_aligned
             else None
         )
@@ -235,6 +241,9 @@ class FaustHost:
             else:
                 events, positions = self._aligner.release(polled)
             if events or positions:
+                watch = getattr(self.processor, "watch", None)
+                if watch is not None:  # the partitions whose watermarks matter (processors.features)
+                    watch({(self._specs[t].logical, p) for t, p in self.assignment()})
                 effects = self.processor.handle(events, int(self._clock() * 1000))
                 send = self.producer.send
                 for topic, record in effects.outputs:

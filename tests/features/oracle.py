@@ -8,7 +8,7 @@ aggregates them from scratch, in event-time order.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 from features.definitions import Aggregation, FeatureSet, Ratio
@@ -17,15 +17,31 @@ from features.windows import distinct_bucket, distinct_estimate, window_start
 Key = tuple[str, int]
 
 
-def accepted(fs: FeatureSet, arrivals: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The events the lateness rule keeps, given their arrival order."""
-    latest: dict[str, int] = {}
+def _one_partition(_: Mapping[str, Any]) -> Hashable:
+    return 0
+
+
+def accepted(
+    fs: FeatureSet,
+    arrivals: Iterable[Mapping[str, Any]],
+    partition: Callable[[Mapping[str, Any]], Hashable] = _one_partition,
+) -> list[Mapping[str, Any]]:
+    """The events the rules keep, given the order each partition delivers them in.
+
+    An event is too late when it is more than the lateness behind the largest event time
+    accepted before it from its own partition; an event id seen before counts once.
+    """
+    latest: dict[Hashable, int] = {}
+    seen: set[str] = set()
     kept = []
     for e in arrivals:
-        key = str(e[fs.entity])
-        if key in latest and e["event_time"] < latest[key] - fs.lateness_ms:
+        p = partition(e)
+        if p in latest and e["event_time"] < latest[p] - fs.lateness_ms:
             continue
-        latest[key] = max(latest.get(key, e["event_time"]), e["event_time"])
+        if e["event_id"] in seen:
+            continue
+        seen.add(e["event_id"])
+        latest[p] = max(latest.get(p, e["event_time"]), e["event_time"])
         kept.append(e)
     return kept
 
@@ -58,23 +74,32 @@ def _agg(agg: Aggregation, events: list[Mapping[str, Any]]) -> Any:
     return distinct_estimate(len({distinct_bucket(v) for v in values}))
 
 
-def expected(fs: FeatureSet, arrivals: Iterable[Mapping[str, Any]]) -> dict[Key, dict[str, Any]]:
+def expected(
+    fs: FeatureSet,
+    arrivals: Iterable[Mapping[str, Any]],
+    partition: Callable[[Mapping[str, Any]], Hashable] = _one_partition,
+) -> dict[Key, dict[str, Any]]:
     """Values at every (entity, event time) of an accepted event."""
     by_entity: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for e in accepted(fs, arrivals):
+    for e in accepted(fs, arrivals, partition):
         by_entity[str(e[fs.entity])].append(e)
     out: dict[Key, dict[str, Any]] = {}
     for key, events in by_entity.items():
         events.sort(key=lambda e: e["event_time"])
         for t in sorted({e["event_time"] for e in events}):
-            out[(key, t)] = {
-                f.name: _agg(
-                    f.aggregation,
-                    [e for e in events if window_start(t, f.window_ms) <= e["event_time"] <= t],
-                )
-                for f in fs.features
-            }
+            out[(key, t)] = values_at(fs, events, t)
     return out
+
+
+def values_at(fs: FeatureSet, events: Iterable[Mapping[str, Any]], t: int) -> dict[str, Any]:
+    """Every feature of one entity at any time t, from its accepted events (those after t ignored)."""
+    chosen = list(events)
+    return {
+        f.name: _agg(
+            f.aggregation, [e for e in chosen if window_start(t, f.window_ms) <= e["event_time"] <= t]
+        )
+        for f in fs.features
+    }
 
 
 def last_updates(updates: Iterable[Mapping[str, Any]]) -> dict[Key, dict[str, Any]]:
