@@ -1,5 +1,7 @@
 """The online-store writer: feature-update events -> the online store, newer-wins.
 
+Each update's window tiles go with its values, so reads evaluate windows at their own time.
+
 Idempotent by construction: the store compares event times per (feature set, entity), so a
 replayed or late update never overwrites a newer value and an equal one is a no-op.
 """
@@ -31,7 +33,9 @@ class OnlineStoreWriter:
     def handle(self, events: list[Event], write_time_ms: int) -> Effects:
         for event in events:
             r = event.record
-            self._pending[r["feature_set"]].append((r["entity_key"], r["event_time"], r["values"]))
+            self._pending[r["feature_set"]].append(
+                (r["entity_key"], r["event_time"], r["values"], r.get("valid_until"), r.get("tiles"))
+            )
         return Effects()
 
     def should_flush(self, now_s: float) -> bool:

@@ -18,6 +18,14 @@ event time, as a FeatureUpdate event does, so the latest update per key rebuilds
 TTL is by event time: a record written with ``ttl_s`` reads as missing from
 ``event time + ttl_s`` on (values describing an old moment stop being served).
 
+Windows are read at the read's time. A windowed value written at event time t holds until
+its update's ``valid_until`` (the first time a tile leaves one of its windows); a read at or
+after that evaluates every window at its ``now_ms`` from the tiles stored with the record, so
+an entity inactive for six days reads 0 for its last-day counts, as the window definition
+says, not the count of six days ago. Reads before the record's event time read it as of that
+time. Evaluation needs the feature set's definition (found by the tiles' layout id among the
+feature sets this process loaded); every backend evaluates alike, in the shared codec.
+
 Writes come as rows (``put_batch``: the stream's updates) or as an Arrow table
 (``put_columns``: backfills and batch jobs writing many entities at once, encoded
 column-wise); both obey the same rules.
@@ -55,8 +63,10 @@ __all__ = [
 Value = None | bool | int | float | str
 """A feature value: what the FeatureUpdate event's value union can carry."""
 
-Row = tuple[str, int, Mapping[str, Value]]
-"""An update to write: (entity key, event time in epoch ms, feature name -> value)."""
+Row = tuple[str, int, Mapping[str, Value]] | tuple[str, int, Mapping[str, Value], int | None, bytes | None]
+"""An update to write: (entity key, event time in epoch ms, feature name -> value), optionally
+followed by ``valid_until`` and the update's window tiles (see :mod:`features.engine`): from
+``valid_until`` on, reads evaluate the values from the tiles at their own time."""
 
 _FEATURE_SET_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 
@@ -145,9 +155,10 @@ class OnlineStore(ABC):
 
         ``table`` holds the entity keys (strings), the event times (integer epoch ms, or
         timestamps) and one column per feature, named by the feature, in schema order; every
-        other column is a feature. Same semantics and result as ``put_batch`` with one row per
-        table row. Backends encode the columns vectorised (:mod:`serving.online_store.columnar`);
-        this default goes through ``put_batch``.
+        other column is a feature, except ``_valid_until`` and ``_tiles`` (integers and binary,
+        both or neither): the updates' window tiles, as in a :data:`Row`. Same semantics and
+        result as ``put_batch`` with one row per table row. Backends encode the columns
+        vectorised (:mod:`serving.online_store.columnar`); this default goes through ``put_batch``.
         """
         from serving.online_store.columnar import rows_of
 

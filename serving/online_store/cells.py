@@ -30,6 +30,7 @@ __all__ = [
     "feature_cells",
     "header_cells",
     "max_cell_bytes",
+    "raw_cells",
 ]
 
 U8 = npt.NDArray[np.uint8]
@@ -132,16 +133,46 @@ def _int_cells(array: pa.Array, nulls: Nulls) -> Cells:
     return _payload_cells(nulls, tag, f">{'i' if signed and lo is not None and lo < 0 else 'u'}{k}", values)
 
 
-def _string_cells(array: pa.Array, nulls: Nulls) -> Cells:
-    """msgpack ``str`` forms (fixstr, str8, str16, str32) of the UTF-8 bytes."""
-    array = array.cast(pa.large_string())
+def _bytes_writer(array: pa.Array, lengths: I64) -> Callable[[U8, I64], None]:
+    """``write(flat, to)``: row i's bytes (``lengths[i]`` of them, from a large binary or string
+    array's data) copied to ``flat[to[i]:]``, short ones all at once, long ones a slice each."""
     n = len(array)
     offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset : array.offset + n + 1]
     data_buffer = array.buffers()[2]
     data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
-    lengths = offsets[1:] - offsets[:-1]
+    long_rows = np.flatnonzero(lengths > LONG_STRING).tolist()
+    short = np.where(lengths > LONG_STRING, 0, lengths) if long_rows else lengths
+    ends = np.cumsum(short)
+    total = int(ends[-1]) if n else 0
+    # Row ranges with at most STRING_GROUP_BYTES of short strings each (or a single row).
+    cuts = np.searchsorted(ends, np.arange(STRING_GROUP_BYTES, total, STRING_GROUP_BYTES), side="right")
+    bounds = [0, *sorted(set(cuts.tolist()) - {0, n}), n] if total else []
+
+    def write(flat: U8, to: I64) -> None:
+        for lo, hi in itertools.pairwise(bounds):  # the short strings' bytes, each to its row
+            part = short[lo:hi]
+            within = np.arange(int(part.sum())) - np.repeat(np.cumsum(part) - part, part)
+            flat[np.repeat(to[lo:hi], part) + within] = data[np.repeat(offsets[lo:hi], part) + within]
+        for row in long_rows:
+            start, size = int(offsets[row]), int(lengths[row])
+            flat[int(to[row]) : int(to[row]) + size] = data[start : start + size]
+
+    return write
+
+
+def _lengths(array: pa.Array, nulls: Nulls) -> I64:
+    n = len(array)
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset : array.offset + n + 1]
+    lengths: I64 = offsets[1:] - offsets[:-1]
     if nulls is not None:  # a null's slot may hold bytes: none are written
         lengths = np.where(nulls, 0, lengths)
+    return lengths
+
+
+def _string_cells(array: pa.Array, nulls: Nulls) -> Cells:
+    """msgpack ``str`` forms (fixstr, str8, str16, str32) of the UTF-8 bytes."""
+    array = array.cast(pa.large_string())
+    lengths = _lengths(array, nulls)
     wide = (lengths >= 2**8).astype(np.int64) + (lengths >= 2**16)  # str8 0, str16 1, str32 2
     fix = lengths < 32
     header = np.where(fix, 1, 2 + wide + (lengths >= 2**16))  # 1, 2, 3 or 5 bytes
@@ -153,28 +184,22 @@ def _string_cells(array: pa.Array, nulls: Nulls) -> Cells:
         for size, dtype in ((2, ">u1"), (3, ">u2"), (5, ">u4"))
         if len(rows := np.flatnonzero(header == size))
     ]
-    long_rows = np.flatnonzero(lengths > LONG_STRING).tolist()
-    short = np.where(lengths > LONG_STRING, 0, lengths) if long_rows else lengths
-    ends = np.cumsum(short)
-    total = int(ends[-1]) if n else 0
-    # Row ranges with at most STRING_GROUP_BYTES of short strings each (or a single row).
-    cuts = np.searchsorted(ends, np.arange(STRING_GROUP_BYTES, total, STRING_GROUP_BYTES), side="right")
-    bounds = [0, *sorted(set(cuts.tolist()) - {0, n}), n] if total else []
+    write_bytes = _bytes_writer(array, lengths)
 
     def write(flat: U8, at: I64) -> None:
         flat[at] = tags
         for rows, dtype in forms:
             _at(flat, dtype)[at[rows] + 1] = lengths[rows]
-        to = at + header
-        for lo, hi in itertools.pairwise(bounds):  # the short strings' bytes, each to its row
-            part = short[lo:hi]
-            within = np.arange(int(part.sum())) - np.repeat(np.cumsum(part) - part, part)
-            flat[np.repeat(to[lo:hi], part) + within] = data[np.repeat(offsets[lo:hi], part) + within]
-        for row in long_rows:
-            start, size = int(offsets[row]), int(lengths[row])
-            flat[int(to[row]) : int(to[row]) + size] = data[start : start + size]
+        write_bytes(flat, at + header)
 
     return Cells(header + lengths, write=write)
+
+
+def raw_cells(array: pa.Array) -> Cells:
+    """Each row's bytes as they are, no msgpack framing (a record's tiles); nothing for a null."""
+    array = array.cast(pa.large_binary())
+    lengths = _lengths(array, array.is_null().to_numpy(zero_copy_only=False) if array.null_count else None)
+    return Cells(lengths, write=_bytes_writer(array, lengths))
 
 
 def feature_cells(feature_set: str, name: str, array: pa.Array) -> Cells:
@@ -224,12 +249,21 @@ def array_header(count: int) -> bytes:
     return b"\xdd" + count.to_bytes(4, "big")
 
 
-def header_cells(times: I64, write_time: int, expires: I64, schema_id: int, array_header: bytes) -> Cells:
+def header_cells(  # noqa: PLR0917 - the header's words, in its order
+    times: I64,
+    write_time: int,
+    expires: I64,
+    schema_id: int,
+    valid_until: I64 | int,
+    values_end: I64 | int,
+    array_header: bytes,
+) -> Cells:
     """The record header (see codec) and the msgpack array header, as the first column."""
 
     def fill(view: U8) -> None:
         words = view[:, : HEADER.size].view(">i8")
         words[:, 0], words[:, 1], words[:, 2], words[:, 3] = times, write_time, expires, schema_id
+        words[:, 4], words[:, 5] = valid_until, values_end
         view[:, HEADER.size :] = np.frombuffer(array_header, np.uint8)
 
     return Cells(HEADER.size + len(array_header), fill=fill)

@@ -1,10 +1,17 @@
 """The stored record format, the same on every backend, and its fast decoder.
 
-A record is a 32-byte header of four big-endian signed 64-bit integers — event time, write
-time, expires-at (epoch ms; 0 means never) and schema id — followed by the feature values as
-one msgpack array. A *schema* is the tuple of feature names of an update, stored once per
-store under its id (the 64-bit BLAKE2b of the msgpack-encoded names) and cached by every
-process that reads it.
+A record is a 48-byte header of six big-endian signed 64-bit integers — event time, write
+time, expires-at (epoch ms; 0 means never), schema id, valid-until (epoch ms; 0 means the
+values hold at any later time) and values-end (the offset where the values end) — followed
+by the feature values as one msgpack array and, up to the end, the update's window tiles
+(:mod:`features.engine`; none when valid-until is 0). A *schema* is the tuple of feature
+names of an update, stored once per store under its id (the 64-bit BLAKE2b of the
+msgpack-encoded names) and cached by every process that reads it.
+
+A read at ``now`` before valid-until returns the stored values (the fast path: nothing has
+left a window yet). At or after it, the values are evaluated from the tiles at ``now``, and
+the evaluation is remembered, by the tiles' bytes, until the next time a value can change,
+so a record read again (an inactive user on every request) is evaluated once per change.
 
 Why not a msgpack map per record: decoding a 50-key map builds 50 key strings on every read
 (~10 µs); an array of values decodes in under 2 µs and is 40% smaller, and the names are
@@ -29,6 +36,8 @@ from typing import NamedTuple
 import msgpack
 import numpy as np
 
+from features.engine import evaluate_tiles
+from headwater.errors import HeadwaterError
 from serving.online_store.base import (
     FeatureRow,
     FeatureValues,
@@ -46,12 +55,14 @@ __all__ = [
     "Buffer",
     "PreparedRow",
     "RecordCodec",
+    "check_tiles",
     "event_time_of",
     "ttl_ms_of",
     "write_time_of",
 ]
 
-HEADER = struct.Struct(">qqqq")
+HEADER = struct.Struct(">qqqqqq")
+_END = HEADER.size
 # Redis' Lua numbers are doubles: event times above 2**53 would compare inexactly there.
 MAX_EVENT_TIME_MS = 2**53 - 1
 _CACHE_LIMIT = 4096
@@ -85,6 +96,18 @@ def event_time_of(record: Buffer) -> int:
     return int(_unpack_header(record)[0])
 
 
+def check_tiles(feature_set: str, entity_key: str, valid_until: object, tiles: object) -> tuple[int, bytes]:
+    """An update's (valid_until, tiles) as stored: (0, b"") when it has no tiles."""
+    if tiles is None:
+        return 0, b""
+    if not isinstance(tiles, bytes | bytearray | memoryview) or type(valid_until) is not int:
+        raise OnlineStoreError(
+            f"{feature_set}/{entity_key}: tiles must be bytes with an integer valid_until (epoch ms), "
+            f"got {type(tiles).__name__} and {valid_until!r}"
+        )
+    return valid_until, bytes(tiles)
+
+
 def ttl_ms_of(ttl_s: float | None) -> int:
     """A put's ``ttl_s`` in milliseconds; 0 means no expiry."""
     if ttl_s is not None and not ttl_s > 0:
@@ -112,6 +135,8 @@ class RecordCodec:
         # Per requested feature list: its picker per schema id, and the values of a missing row.
         self._plans: dict[tuple[str, ...], tuple[dict[int, _Picker | None], tuple[None, ...]]] = {}
         self._rows: dict[tuple[str, ...], _DecodedRows] = {}
+        # Tiles -> (evaluated at, next change or None, values): see _evaluate.
+        self._evaluations: dict[bytes, tuple[int, int | None, dict[str, Value]]] = {}
 
     def encode(
         self, feature_set: str, rows: Iterable[Row], ttl_s: float | None, write_time_ms: int | None
@@ -127,8 +152,9 @@ class RecordCodec:
         ttl_ms = ttl_ms_of(ttl_s)
         write_time = write_time_of(write_time_ms)
 
-        newest: dict[str, tuple[int, Mapping[str, Value]]] = {}
-        for entity_key, event_time_ms, values in rows:
+        newest: dict[str, tuple[int, Row]] = {}
+        for row in rows:
+            entity_key, event_time_ms = row[0], row[1]
             try:
                 event_time = operator.index(event_time_ms)
             except TypeError as exc:
@@ -138,11 +164,13 @@ class RecordCodec:
                 ) from exc
             kept = newest.get(entity_key)
             if kept is None or event_time >= kept[0]:
-                newest[entity_key] = (event_time, values)
+                newest[entity_key] = (event_time, row)
 
         prepared: list[PreparedRow] = []
         schemas: dict[int, bytes] = {}
-        for entity_key, (event_time, values) in newest.items():
+        for entity_key, (event_time, row) in newest.items():
+            values = row[2]
+            valid_until, tiles = check_tiles(feature_set, entity_key, *row[3:]) if len(row) > 3 else (0, b"")
             if not isinstance(entity_key, str) or not entity_key:
                 raise OnlineStoreError(
                     f"{feature_set}: entity keys must be non-empty strings, got {entity_key!r}"
@@ -165,8 +193,10 @@ class RecordCodec:
             except (OverflowError, TypeError, ValueError) as exc:
                 raise OnlineStoreError(f"{feature_set}/{entity_key}: cannot encode values: {exc}") from exc
             expires_at = event_time + ttl_ms if ttl_ms else 0
-            header = HEADER.pack(event_time, write_time, expires_at, schema[0])
-            prepared.append(PreparedRow(entity_key, event_time, expires_at, header + payload))
+            header = HEADER.pack(
+                event_time, write_time, expires_at, schema[0], valid_until, _END + len(payload)
+            )
+            prepared.append(PreparedRow(entity_key, event_time, expires_at, header + payload + tiles))
         return prepared, schemas
 
     def schema(self, names: tuple[str, ...]) -> tuple[int, bytes]:
@@ -201,17 +231,22 @@ class RecordCodec:
             if record is None:
                 append(FeatureRow(dict.fromkeys(feats), None, None, None))
                 continue
-            event_time, write_time, expires_at, schema_id = _unpack_header(record)
+            event_time, write_time, expires_at, schema_id, valid_until, end = _unpack_header(record)
             if expires_at and now >= expires_at:
                 append(FeatureRow(dict.fromkeys(feats), None, None, None))
+                continue
+            if valid_until and now >= valid_until:  # a tile left a window: evaluate them at now
+                evaluated = self._evaluate(record, end, now)
+                values = {f: evaluated.get(f) for f in feats}
+                append(FeatureRow(values, event_time, write_time, now - event_time))
                 continue
             project = in_call.get(schema_id)
             if project is None:
                 project = in_call[schema_id] = self._projection(schema_id, feats, load_schema)
-            append(FeatureRow(project(_unpackb(record[32:])), event_time, write_time, now - event_time))
+            append(FeatureRow(project(_unpackb(record[_END:end])), event_time, write_time, now - event_time))
         return rows
 
-    def decode_values(
+    def decode_values(  # noqa: PLR0915 - the serving read loop, kept in one frame on purpose
         self,
         records: Iterable[Buffer | None],
         features: Sequence[str],
@@ -244,6 +279,7 @@ class RecordCodec:
         times: list[int | None] = []
         at: list[int] = []  # with decoded rows: each record's row, or -1 - k for new[k]
         new: list[tuple[bytes, Sequence[Value]]] = []
+        evaluated: list[int] = []  # reads whose values were evaluated from tiles
         add_values, add_time, add_at = values.append, times.append, at.append
         body = b""
         for record in records:
@@ -252,14 +288,21 @@ class RecordCodec:
                 add_time(None)
                 add_at(0)
                 continue
-            event_time, _write_time, expires_at, schema_id = _unpack_header(record)
+            event_time, _write_time, expires_at, schema_id, valid_until, end = _unpack_header(record)
             if expires_at and now >= expires_at:
                 add_values(missing)
                 add_time(None)
                 add_at(0)
                 continue
+            if valid_until and now >= valid_until:  # a tile left a window: evaluate them at now
+                current = self._evaluate(record, end, now)
+                evaluated.append(len(values))
+                add_values(tuple([current.get(f) for f in feats]))
+                add_time(event_time)
+                add_at(0)  # a placeholder row: the evaluated values replace it below
+                continue
             if rows is not None:
-                body = bytes(record[24:])  # schema id and values: the same bytes decode the same
+                body = bytes(record[24:end])  # schema id, valid-until, values: same bytes, same values
                 row = known.get(body)
                 if row is not None:
                     add_values(rows.values[row])
@@ -269,7 +312,7 @@ class RecordCodec:
             pick = pickers.get(schema_id, _UNKNOWN)
             if pick is _UNKNOWN:
                 pick = pickers[schema_id] = self._picker(schema_id, feats, load_schema)
-            decoded: list[Value] = _unpackb(record[32:])
+            decoded: list[Value] = _unpackb(record[_END:end])
             picked = decoded if pick is None else pick(decoded)  # type: ignore[operator]
             add_values(picked)
             add_time(event_time)
@@ -277,8 +320,27 @@ class RecordCodec:
                 add_at(-1 - len(new))
                 new.append((body, picked))
         if rows is not None:
-            return FeatureValues(values, times, rows.take(at, new))
+            return FeatureValues(values, times, _gathered(rows.take(at, new), values, evaluated))
         return FeatureValues(values, times, as_matrix(values, len(feats)) if matrix else None)
+
+    def _evaluate(self, record: Buffer, end: int, now: int) -> dict[str, Value]:
+        """The values of a record's tiles at ``now`` (remembered until they can next change)."""
+        tiles = bytes(record[end:])
+        hit = self._evaluations.get(tiles)
+        if hit is not None and hit[0] <= now and (hit[1] is None or now < hit[1]):
+            return hit[2]
+        try:
+            values, until = evaluate_tiles(tiles, now)
+        except HeadwaterError as exc:
+            raise OnlineStoreError(f"cannot evaluate a record's windows at read time: {exc}") from exc
+        except Exception as exc:  # corrupt tiles raise msgpack's and Python's errors alike
+            raise OnlineStoreError(
+                f"a record's window tiles are corrupt ({type(exc).__name__}: {exc}): rewrite the feature set"
+            ) from exc
+        if len(self._evaluations) >= _CACHE_LIMIT:
+            self._evaluations.clear()
+        self._evaluations[tiles] = (now, until, values)
+        return values
 
     def _positions(
         self, schema_id: int, feats: tuple[str, ...], load_schema: SchemaLoader
@@ -420,6 +482,20 @@ class _DecodedRows:
                     self.index[body] = start + k
                 at = [start - 1 - i if i < 0 else i for i in at]
             return self.data[at]
+
+
+def _gathered(
+    matrix: np.ndarray | None, values: list[Sequence[Value]], evaluated: list[int]
+) -> np.ndarray | None:
+    """The decoded rows' matrix with the rows of values evaluated from tiles put in (not kept in
+    the decoded rows: they hold only while no tile leaves a window)."""
+    if matrix is None or not evaluated:
+        return matrix
+    block = as_matrix([values[i] for i in evaluated], matrix.shape[1])
+    if block is None:
+        return None
+    matrix[evaluated] = block
+    return matrix
 
 
 def _normalize_values(feature_set: str, entity_key: str, body: Mapping[object, object]) -> dict[str, Value]:

@@ -46,6 +46,7 @@ from serving.online_store.cells import (
     feature_cells,
     header_cells,
     max_cell_bytes,
+    raw_cells,
 )
 from serving.online_store.codec import (
     HEADER,
@@ -56,7 +57,12 @@ from serving.online_store.codec import (
     write_time_of,
 )
 
-__all__ = ["CHUNK_BYTES", "SLICE_ROWS", "ColumnBatch", "encode_columns", "rows_of"]
+__all__ = ["CHUNK_BYTES", "SLICE_ROWS", "TILES", "VALID_UNTIL", "ColumnBatch", "encode_columns", "rows_of"]
+
+# Columns of a table given to put_columns that are not features: an update's valid_until and
+# its window tiles (feature names cannot start with "_").
+VALID_UNTIL = "_valid_until"
+TILES = "_tiles"
 
 CHUNK_BYTES = 64 * 1024 * 1024  # records encoded at once: bounds the buffer and index arrays
 # Records made ``bytes`` at once by ColumnBatch.slices: about 1 MB of objects, whose memory the
@@ -221,15 +227,18 @@ def encode_columns(
             f"{feature_set}: the table has no column {missing[0]!r} (entity key and event time); "
             f"columns: {', '.join(names)}"
         )
-    features = tuple(c for c in names if c not in (entity_column, time_column))
+    features = tuple(c for c in names if c not in (entity_column, time_column, VALID_UNTIL, TILES))
     if len(set(features)) != len(features):
         raise OnlineStoreError(f"{feature_set}: feature columns must have distinct names: {features}")
     keys = _entities(feature_set, table.column(entity_column), entity_column)
     times = _times(feature_set, table.column(time_column), time_column, keys)
     columns = [table.column(name).combine_chunks() for name in features]
+    valid, tiles = _tiles_columns(feature_set, table)
     schema_id, encoded_names = codec.schema(features)
     array_head = array_header(len(features))
     row_bytes = HEADER.size + len(array_head) + sum(map(max_cell_bytes, columns))
+    if tiles is not None:
+        row_bytes += pc.max(pc.binary_length(tiles)).as_py() or 0
     rows = max(1, CHUNK_BYTES // row_bytes)
     chosen = _newest_per_entity(keys, times)
     order = None  # the rows' order by key, when it is not the table's
@@ -239,22 +248,58 @@ def encode_columns(
         else:  # drop the older updates, sort the rest
             keys, times = keys.take(chosen), times[chosen]
             columns = [column.take(chosen) for column in columns]
+            if tiles is not None and valid is not None:
+                valid, tiles = valid[chosen], tiles.take(chosen)
     expires: I64 = times + ttl_ms if ttl_ms else np.zeros(len(times), np.int64)
     records: list[pa.Array] = []
     for start in range(0, len(keys), rows):
         n = min(rows, len(keys) - start)
-        header = header_cells(
-            times[start : start + n], write_time, expires[start : start + n], schema_id, array_head
-        )
         cells = [
             feature_cells(feature_set, name, column.slice(start, n))
             for name, column in zip(features, columns, strict=True)
         ]
-        records.append(encode_rows(n, [header, *cells], order))
+        ends = HEADER.size + len(array_head) + sum(cell.lengths for cell in cells)
+        extra = []
+        until: I64 | int = 0
+        if tiles is not None and valid is not None:
+            extra.append(raw_cells(tiles.slice(start, n)))
+            until = valid[start : start + n]
+        header = header_cells(
+            times[start : start + n],
+            write_time,
+            expires[start : start + n],
+            schema_id,
+            until,
+            ends,
+            array_head,
+        )
+        records.append(encode_rows(n, [header, *cells, *extra], order))
     if order is not None:
         keys, times, expires = keys.take(order), times[order], expires[order]
     values = pa.chunked_array(records, pa.large_binary())
     return ColumnBatch(keys, times, expires, values, {schema_id: encoded_names})
+
+
+def _tiles_columns(feature_set: str, table: pa.Table) -> tuple[I64 | None, pa.Array | None]:
+    """The table's ``_valid_until`` and ``_tiles`` columns (both or neither), checked."""
+    names = table.column_names
+    if (VALID_UNTIL in names) != (TILES in names):
+        raise OnlineStoreError(
+            f"{feature_set}: give both {VALID_UNTIL!r} and {TILES!r} columns (an update's tiles) or neither"
+        )
+    if TILES not in names:
+        return None, None
+    tiles = table.column(TILES).combine_chunks()
+    if not (pa.types.is_binary(tiles.type) or pa.types.is_large_binary(tiles.type)):
+        raise OnlineStoreError(f"{feature_set}: column {TILES!r} must be binary, got {tiles.type}")
+    until = table.column(VALID_UNTIL).combine_chunks()
+    if not pa.types.is_integer(until.type):
+        raise OnlineStoreError(f"{feature_set}: column {VALID_UNTIL!r} must be integers, got {until.type}")
+    # A row without tiles stores valid-until 0: its values hold at any later time.
+    valid: I64 = (
+        pc.if_else(tiles.is_null(), 0, until.fill_null(0)).cast(pa.int64()).to_numpy(zero_copy_only=False)
+    )
+    return valid, tiles
 
 
 def rows_of(
@@ -268,15 +313,19 @@ def rows_of(
                 f"the table has no column {column!r} (entity key and event time); "
                 f"columns: {', '.join(table.column_names)}"
             )
-    features = [c for c in table.column_names if c not in (entity_column, time_column)]
+    features = [c for c in table.column_names if c not in (entity_column, time_column, VALID_UNTIL, TILES)]
     time = table.column(time_column)
     if pa.types.is_timestamp(time.type):
         time = pc.cast(pc.cast(time, pa.timestamp("ms", tz=time.type.tz)), pa.int64())
     values: list[list[Value]] = [table.column(f).to_pylist() for f in features]
     per_row = zip(*values, strict=True) if values else iter([()] * table.num_rows)
-    return [
+    rows: list[Row] = [
         (key, t, dict(zip(features, row, strict=True)))
         for key, t, row in zip(
             table.column(entity_column).to_pylist(), time.to_pylist(), per_row, strict=True
         )
     ]
+    if TILES in table.column_names and VALID_UNTIL in table.column_names:
+        tiles, until = table.column(TILES).to_pylist(), table.column(VALID_UNTIL).to_pylist()
+        rows = [(*row[:3], u, b) for row, u, b in zip(rows, until, tiles, strict=True)]
+    return rows

@@ -16,10 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from features import Aggregator, ApproxDistinct, Count, Eq, FeatureSet, Max, Mean, Min, Ratio, Sum
 from headwater.errors import ConfigError, HeadwaterError
 from headwater.settings import Settings, load_settings
 from serving.online_store import FeatureRow, OnlineStore, OnlineStoreError, open_online_store
 from serving.online_store.base import epoch_ms
+from tests.features.oracle import values_at
 
 pytestmark = pytest.mark.integration
 
@@ -326,3 +328,105 @@ def test_aerospike_without_its_client_says_what_to_install(tmp_path: Any) -> Non
     else:
         with pytest.raises(HeadwaterError, match="cannot connect"):
             open_online_store(settings)
+
+
+# --- windows read at the read's time ---------------------------------------------------------
+
+_NUMERIC = FeatureSet(
+    "contract_windows",
+    entity="user_id",
+    source="clicks",
+    owner="test",
+    description="numeric windows for the read-time contract",
+    features=[
+        Count(windows=["5m", "1h"], name="n"),
+        Sum("position", windows=["5m"], name="pos"),
+        Mean("propensity", windows=["1h"], name="mean_prop"),
+        Min("position", windows=["1h"], name="min_pos"),
+        Max("position", windows=["5m"], name="max_pos"),
+        ApproxDistinct("item_id", windows=["1h"], name="items"),
+        Ratio(Count(where=Eq("action", "CLICK")), Count(), windows=["1h"], name="ctr"),
+    ],
+)
+
+
+def _windowed_updates(users: int) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """Each user's events (a few, spread over an hour) and the last update the engine emitted."""
+    rng = random.Random(11)
+    agg = Aggregator(_NUMERIC)
+    events: dict[str, list[dict[str, Any]]] = {}
+    last: dict[str, dict[str, Any]] = {}
+    for i in range(users * 6):
+        user = f"u{i % users}"
+        t = T0 + i * 9_000 + rng.randint(0, 5_000)
+        event = {
+            "event_id": f"e{i}", "event_time": t, "user_id": user, "item_id": f"i{rng.randint(1, 5)}",
+            "action": rng.choice(["IMPRESSION", "CLICK"]), "position": rng.randint(1, 3),
+            "propensity": rng.choice([0.1, 0.25]),
+        }  # fmt: skip
+        events.setdefault(user, []).append(event)
+        last[user] = agg.apply(event, write_time=t)[-1]
+    return events, last
+
+
+def _expected_at(events: list[dict[str, Any]], t: int, names: list[str]) -> list[Any]:
+    values = values_at(_NUMERIC, events, t)
+    return [values[name] for name in names]
+
+
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and abs(a - b) <= 1e-12 * max(abs(a), abs(b), 1.0)
+    return bool(a == b)
+
+
+@pytest.mark.parametrize("how", ["rows", "columns"])
+def test_windows_are_evaluated_at_the_read_time(store: OnlineStore, fs: str, how: str) -> None:
+    import pyarrow as pa
+
+    events, last = _windowed_updates(users=12)
+    users = sorted(last)
+    if how == "rows":
+        rows = [
+            (u, last[u]["event_time"], last[u]["values"], last[u]["valid_until"], last[u]["tiles"])
+            for u in users
+        ]
+        store.put_batch(fs, rows)
+    else:
+        names = _NUMERIC.feature_names
+        table = pa.table(
+            {
+                "entity_key": users,
+                "event_time": [last[u]["event_time"] for u in users],
+                **{n: [last[u]["values"][n] for u in users] for n in names},
+                "_valid_until": [last[u]["valid_until"] for u in users],
+                "_tiles": pa.array([last[u]["tiles"] for u in users], pa.binary()),
+            }
+        )
+        store.put_columns(fs, table)
+    names = _NUMERIC.feature_names
+    newest = max(u["event_time"] for u in last.values())
+    soonest = min(u["valid_until"] for u in last.values())
+    # Before any tile leaves, at it, between, long after (every window empty): the cached decoded
+    # rows (a batch of 12 records) must never serve a value that a tile's leaving changed.
+    for now in [
+        newest,
+        soonest - 1,
+        soonest,
+        newest + 10 * 60_000,
+        newest + 45 * 60_000,
+        newest + 6 * 86_400_000,
+    ]:
+        got = store.get_values(fs, users, names, now_ms=now, matrix=True)
+        dicts = store.get_batch(fs, users, names, now_ms=now)
+        for i, user in enumerate(users):
+            t = last[user]["event_time"]  # a read before it reads the record as of then
+            want = _expected_at([e for e in events[user] if e["event_time"] <= t], max(now, t), names)
+            assert all(map(_close, got.values[i], want)), (user, now, got.values[i], want)
+            assert all(map(_close, [dicts[i].values[n] for n in names], want)), (user, now)
+            assert got.matrix is not None
+            numbers = [np.nan if v is None else float(v) for v in want]
+            assert np.allclose(got.matrix[i], numbers, equal_nan=True, rtol=1e-12), (user, now)
+            assert got.event_time_ms[i] == last[user]["event_time"]
+    inactive = store.get_batch(fs, users[:1], ["n_1h", "n_5m", "ctr_1h"], now_ms=newest + 6 * 86_400_000)[0]
+    assert inactive.values == {"n_1h": 0, "n_5m": 0, "ctr_1h": None}  # six days on: empty windows, not stale
