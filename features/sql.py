@@ -26,9 +26,18 @@ then the tile's running sum), so they are bit-identical too when events arrive i
 order; an out-of-order event, or events sharing a millisecond, are added in another
 order, and the sums then agree to ~1e-15 relative, not bit for bit.
 
-The backfill sees every event: one the stream rejected as too late is counted here. The
-relation needs ``event_id``, ``event_time`` (epoch ms, an integer), the entity field and
-the aggregated and filtered fields; enums may be strings or ClickHouse Enums.
+The backfill sees every event: one the stream rejected as too late is counted here. An
+event id that occurs more than once in the relation (a client's retry) counts once, as in the
+stream; its copies are taken to be the same event. The relation needs ``event_id``,
+``event_time`` (epoch ms, an integer), the entity field and the aggregated and filtered
+fields; enums may be strings or ClickHouse Enums.
+
+``values_at_sql(feature_set, relation, points)`` computes the values at arbitrary times
+instead: for each (entity, time) of ``points``, every window evaluated at that time from the
+events in it, whether or not an event happened then (a window read long after its last
+event is empty). It joins each point to its entity's events and aggregates conditionally per
+window: simpler than the tile frames above, and the reference that reads at any time are
+held to.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from features.definitions import FeatureSet, Measure
 from features.predicates import sql_identifier
 from features.windows import DISTINCT_BUCKETS, tile_ms
 
-__all__ = ["backfill_sql"]
+__all__ = ["backfill_sql", "values_at_sql"]
 
 Stage = Literal["tile", "frame", "running"]
 
@@ -101,6 +110,25 @@ class _Col:
         if stage == "frame":
             return [f"groupUniqArrayArray({src}){over} AS {out}"]
         return [f"groupUniqArray({src}){over} AS {out}"]  # the sketch buckets hit
+
+    def at_point(self, inside: str, out: str) -> list[str]:
+        """The measure over the joined events for which ``inside`` holds (a point's window), in
+        the columns :meth:`combine` makes."""
+        kind, m = self.measure.kind, f"b.{self.m}"
+        if kind in ("count", "sum"):
+            if kind == "sum" and self.float_field:  # added in the engine's order: by time, then id
+                events = f"groupArrayIf((b.hw_time, b.hw_id, {m}), {inside})"
+                ordered = f"arrayMap(x -> assumeNotNull(x.3), arraySort({events}))"
+                return [f"arrayFold((acc, x) -> acc + x, {ordered}, toFloat64(0)) AS {out}"]
+            zero = "toUInt64(0)" if kind == "count" else "toInt64(0)"
+            return [f"sumIf(ifNull({m}, {zero}), {inside}) AS {out}"]
+        if kind in ("min", "max"):
+            return [f"{kind}OrNullIf({m}, {inside} AND isNotNull({m})) AS {out}"]
+        if kind == "last":
+            flag = f"{inside} AND ifNull({m}, 0) = 1"
+            latest = f"argMaxIf(b.hw_v{self.index}, (b.hw_time, b.hw_id), {flag})"
+            return [f"countIf({flag}) AS {out}_n", f"{latest} AS {out}_v"]
+        return [f"length(groupUniqArrayIf({m}, {inside} AND isNotNull({m}))) AS {out}"]
 
     def nothing(self, out: str) -> list[str]:
         """The partials of no tiles (the previous tiles of a one-tile window), typed like a tile's."""
@@ -188,13 +216,8 @@ def _estimate(buckets: str) -> str:
     return f"toInt64(round(-{m} * log(1 - {b} / {m})))"
 
 
-def backfill_sql(feature_set: FeatureSet, relation: str, start: int, end: int, order: bool = True) -> str:
-    """ClickHouse SQL for the feature set's values at every source event time in ``[start, end)`` (ms).
-
-    ``relation`` is a table, view or table function with the source event's fields as
-    columns, ``event_time`` in epoch milliseconds. ``order`` sorts by entity and time.
-    """
-    fs = feature_set
+def _columns(fs: FeatureSet) -> tuple[list[Measure], list[_Col], list[int], dict[int, list[_Col]]]:
+    """The feature set's measures, their SQL columns, its windows and the columns each window needs."""
     measures: list[Measure] = []
     for feature in fs.features:
         measures.extend(m for m in feature.measures if m not in measures)
@@ -207,15 +230,86 @@ def backfill_sql(feature_set: FeatureSet, relation: str, start: int, end: int, o
         for col in (cols[measures.index(m)] for m in feature.measures):
             if col not in used[feature.window_ms]:
                 used[feature.window_ms].append(col)
+    return measures, cols, windows, used
 
+
+def _base_cte(fs: FeatureSet, cols: list[_Col], relation: str, time_range: str) -> str:
+    """Every event of the relation in ``time_range`` with its contributions, once per event id."""
     key = sql_identifier(fs.entity)
     base = [f"toString({key}) AS hw_key", "toInt64(`event_time`) AS hw_time", "toString(`event_id`) AS hw_id"]
     base += [expr for col in cols for expr in col.base()]
+    return (
+        f"base AS (\n    SELECT {_indent(base)}\n    FROM {relation}\n"
+        f"    WHERE isNotNull({key}) AND hw_key != '' AND hw_id != ''\n      AND {time_range}\n"
+        "    LIMIT 1 BY hw_id\n)"
+    )
+
+
+def _finish(fs: FeatureSet, measures: list[Measure], windows: list[int], name: str) -> list[str]:
+    """Each feature's value from its measures' combined columns (``name(w, i)``), as the engine."""
+    outputs = []
+    for feature in fs.features:
+        w = windows.index(feature.window_ms)
+        first, last = (
+            name.format(w=w, i=measures.index(m)) for m in (feature.measures[0], feature.measures[-1])
+        )
+        if feature.kind in ("mean", "ratio"):
+            expr = f"if({last} = 0, NULL, {first} / {last})"
+        elif feature.kind == "last":
+            value = f"toString({first}_v)" if feature.dtype == "string" else f"{first}_v"
+            expr = f"if({first}_n = 0, NULL, {value})"
+        elif feature.kind == "approx_distinct":
+            expr = _estimate(first)
+        else:
+            expr = first
+        outputs.append(f"{expr} AS {sql_identifier(feature.name)}")
+    return outputs
+
+
+def values_at_sql(feature_set: FeatureSet, relation: str, points: str) -> str:
+    """ClickHouse SQL for the feature set's values at each (entity, time) of ``points``.
+
+    ``points`` is a relation with columns ``entity_key`` (String) and ``at`` (epoch ms); the
+    result has ``entity_key``, ``at`` and one column per feature, one row per distinct point.
+    The events are those of ``relation`` as in :func:`backfill_sql`; an event at exactly
+    ``at`` counts, a later one does not.
+    """
+    fs = feature_set
+    measures, cols, windows, used = _columns(fs)
+    starts = {w: f"(intDiv(p.hw_at, {tile_ms(w)}) - {w // tile_ms(w) - 1}) * {tile_ms(w)}" for w in windows}
+    select: list[str] = []
+    for w, window_ms in enumerate(windows):
+        inside = f"ifNull(b.hw_time >= {starts[window_ms]} AND b.hw_time <= p.hw_at, 0)"
+        for col in used[window_ms]:
+            select += col.at_point(inside, f"v{w}_{col.index}")
+    earliest = starts[windows[-1]]
+    return (
+        "WITH\n"
+        + _base_cte(fs, cols, relation, "1")
+        + ",\npts AS (\n    SELECT DISTINCT toString(entity_key) AS hw_key, toInt64(at) AS hw_at "
+        + f"FROM {points}\n),\n"
+        + "joined AS (\n    SELECT p.hw_key AS hw_key, p.hw_at AS hw_at,\n        "
+        + _indent(select)
+        + "\n    FROM pts AS p LEFT JOIN base AS b ON b.hw_key = p.hw_key\n"
+        + f"      AND b.hw_time <= p.hw_at AND b.hw_time >= {earliest}\n"
+        + "    GROUP BY p.hw_key, p.hw_at\n    SETTINGS join_use_nulls = 1\n)\n"
+        + "SELECT\n    hw_key AS entity_key, hw_at AS at,\n    "
+        + _indent(_finish(fs, measures, windows, "v{w}_{i}"), ",\n    ")
+        + "\nFROM joined\nORDER BY entity_key, at"
+    )
+
+
+def backfill_sql(feature_set: FeatureSet, relation: str, start: int, end: int, order: bool = True) -> str:
+    """ClickHouse SQL for the feature set's values at every source event time in ``[start, end)`` (ms).
+
+    ``relation`` is a table, view or table function with the source event's fields as
+    columns, ``event_time`` in epoch milliseconds. ``order`` sorts by entity and time.
+    """
+    fs = feature_set
+    measures, cols, windows, used = _columns(fs)
     parts = _Parts()
     parts.ctes.append(
-        f"base AS (\n    SELECT {_indent(base)}\n    FROM {relation}\n"
-        f"    WHERE isNotNull({key}) AND hw_key != '' AND hw_id != ''\n"
-        f"      AND hw_time >= {max(start - fs.max_window_ms, 0)} AND hw_time < {end}\n)"
+        _base_cte(fs, cols, relation, f"hw_time >= {max(start - fs.max_window_ms, 0)} AND hw_time < {end}")
     )
     for w, window_ms in enumerate(windows):
         _add_window(parts, w, window_ms, used[window_ms])
@@ -229,20 +323,7 @@ def backfill_sql(feature_set: FeatureSet, relation: str, start: int, end: int, o
         f"    WHERE cur.hw_time >= {start}\n)"
     )
 
-    outputs = ["hw_key AS entity_key", "hw_time AS event_time"]
-    for feature in fs.features:
-        w = windows.index(feature.window_ms)
-        first, last = (f"hw_{w}_{measures.index(m)}" for m in (feature.measures[0], feature.measures[-1]))
-        if feature.kind in ("mean", "ratio"):
-            expr = f"if({last} = 0, NULL, {first} / {last})"
-        elif feature.kind == "last":
-            value = f"toString({first}_v)" if feature.dtype == "string" else f"{first}_v"
-            expr = f"if({first}_n = 0, NULL, {value})"
-        elif feature.kind == "approx_distinct":
-            expr = _estimate(first)
-        else:
-            expr = first
-        outputs.append(f"{expr} AS {sql_identifier(feature.name)}")
+    outputs = ["hw_key AS entity_key", "hw_time AS event_time", *_finish(fs, measures, windows, "hw_{w}_{i}")]
     sql = (
         "WITH\n"
         + ",\n".join(parts.ctes)
