@@ -69,7 +69,7 @@ class EventRejected(HeadwaterError):  # noqa: N818 - a verdict on an event, not 
     """A source event the engine will not aggregate; the processor dead-letters it with ``reason``."""
 
     def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(f"{reason}: {message}")  # the reason first: dead letters carry the text
         self.reason = reason
 
 
