@@ -58,7 +58,15 @@ from features.definitions import FeatureSet, Measure, feature_set_by_layout
 from features.windows import distinct_bucket, distinct_estimate, tile_ms
 from headwater.errors import HeadwaterError
 
-__all__ = ["Aggregator", "EntityState", "EventRejected", "evaluate_tiles", "tiles_layout", "update_event_id"]
+__all__ = [
+    "Aggregator",
+    "EntityState",
+    "EventRejected",
+    "TileCache",
+    "evaluate_tiles",
+    "tiles_layout",
+    "update_event_id",
+]
 
 Partial = Any  # int | float | None | [t, event_id, value] | bucket bitmask (int)
 Snapshot = list[Partial]  # every window's partials, flat (see _WindowPlan)
@@ -258,6 +266,16 @@ class _WindowPlan:
 
 
 @dataclass(slots=True, eq=False)
+class TileCache:
+    """One entity's encoded tile rows, kept between its updates: per window each closed tile's row
+    (parallel to the tile indices), and the rows an update's tiles last joined (first tile, own
+    tile, joined rows, their count, first row's index)."""
+
+    rows: list[list[bytes]] | None = None
+    joined: dict[int, tuple[int, int, bytes, int, int]] = field(default_factory=dict)
+
+
+@dataclass(slots=True, eq=False)
 class EntityState:
     """Everything the engine remembers about one entity of one feature set (plain data).
 
@@ -279,11 +297,9 @@ class EntityState:
     snapshots: list[Snapshot]
     owns: list[Snapshot]
     ids: list[list[str]]
-    # Derived from the closed tiles, so never stored, and dropped when a closed tile changes out
-    # of order: per window each closed tile's encoded row (parallel to ``starts``), and the
-    # rows an update's tiles last joined: (first tile, own tile, joined rows, count, first index).
-    rows: list[list[bytes]] | None = field(default=None)
-    joined: dict[int, tuple[int, int, bytes, int, int]] | None = field(default=None)
+    # The closed tiles' encoded rows: derived, so never stored, and dropped when a closed tile
+    # changes out of order.
+    cache: TileCache | None = field(default=None)
 
     def to_bytes(self) -> bytes:
         return json.dumps([getattr(self, s) for s in _STATE_FIELDS], separators=(",", ":")).encode()
@@ -386,6 +402,11 @@ class Aggregator:
         )
 
     # --- the public API --------------------------------------------------------------------------
+
+    @property
+    def plans(self) -> list[_WindowPlan]:
+        """The feature set's windows, shortest first: each one's tiles and measures (read-only)."""
+        return self._windows
 
     def new_state(self) -> EntityState:
         k = len(self._windows)
@@ -543,25 +564,39 @@ class Aggregator:
 
     def _tiles(self, state: EntityState, t: int, own: Snapshot) -> tuple[bytes, int]:
         """The tiles of an update at t (own: t's own-tile partials) and until when its values hold."""
+        if state.cache is None:
+            state.cache = TileCache()
+        return self.encode_tiles(state.starts, state.parts, t, own, state.cache)
+
+    def encode_tiles(
+        self,
+        starts: list[list[int]],
+        parts: list[list[list[Partial]]],
+        t: int,
+        own: Snapshot,
+        cache: TileCache,
+    ) -> tuple[bytes, int]:
+        """The tiles of an update at t and until when its values hold, from an entity's closed
+        tiles (per window: their indices, ascending, and partials; those in t's window before
+        t's tile are used) and t's own-tile partials (flat). ``cache`` keeps the encoded rows of
+        one entity's tiles between calls: give each entity its own, and drop it when a closed
+        tile changes (the engine does; the backfill's tiles never change)."""
         out = [self._tiles_head]
         valid_until: int | None = None
-        rows, joined = state.rows, state.joined
-        if rows is None:
-            rows = state.rows = [
-                [plan.row(i, part) for i, part in zip(state.starts[w], state.parts[w], strict=True)]
+        if cache.rows is None:
+            cache.rows = [
+                [plan.row(i, part) for i, part in zip(starts[w], parts[w], strict=True)]
                 for w, plan in enumerate(self._windows)
             ]
-        if joined is None:
-            joined = state.joined = {}
+        rows, joined = cache.rows, cache.joined
         for w, plan in enumerate(self._windows):
             c = t // plan.tile
             lo = c - plan.n + 1
             cached = joined.get(w)
             if cached is None or cached[0] != lo or cached[1] != c:
-                starts = state.starts[w]
-                first, end = bisect_left(starts, lo), bisect_left(starts, c)
+                first, end = bisect_left(starts[w], lo), bisect_left(starts[w], c)
                 closed = b"".join(rows[w][first:end])
-                cached = joined[w] = (lo, c, closed, end - first, starts[first] if end > first else c)
+                cached = joined[w] = (lo, c, closed, end - first, starts[w][first] if end > first else c)
             out += (_array_header(cached[3] + 1), cached[2], plan.row(c, own[plan.offset : plan.end]))
             leaves = (cached[4] + plan.n) * plan.tile  # when the oldest non-empty tile leaves
             if valid_until is None or leaves < valid_until:
@@ -630,8 +665,8 @@ class Aggregator:
                     prev[pos] += closing[j]
             starts.append(old)
             parts.append(closing)
-            if state.rows is not None:
-                state.rows[w].append(self._windows[w].row(old, closing))
+            if state.cache is not None and state.cache.rows is not None:
+                state.cache.rows[w].append(self._windows[w].row(old, closing))
         state.tiles[w] = c
         cur[o:end] = identity
         # Keep the tiles an event still within the horizon may need for its window.
@@ -639,8 +674,8 @@ class Aggregator:
         if starts and starts[0] < keep_from:
             cut = bisect_left(starts, keep_from)
             del starts[:cut], parts[:cut]
-            if state.rows is not None:
-                del state.rows[w][:cut]
+            if state.cache is not None and state.cache.rows is not None:
+                del state.cache.rows[w][:cut]
         if recompute:
             folded = self._windows[w].fold(starts, parts, lo, c - 1)
             for j in recompute:
@@ -656,7 +691,7 @@ class Aggregator:
         contributions: list[Partial],
         write_time: int,
     ) -> list[dict[str, Any]]:
-        state.rows = state.joined = None  # a closed tile may change: its encoded row too
+        state.cache = None  # a closed tile may change: its encoded row too
         # 1. Into its tile, and into `previous` when that tile is inside the newest tile's window.
         for w, plan in enumerate(self._windows):
             own = [(j, contributions[i]) for j, i in enumerate(plan.measures) if contributions[i] is not None]

@@ -49,7 +49,7 @@ from features.definitions import FeatureSet, Measure
 from features.predicates import sql_identifier
 from features.windows import DISTINCT_BUCKETS, tile_ms
 
-__all__ = ["backfill_sql", "values_at_sql"]
+__all__ = ["backfill_sql", "own_columns", "tile_columns", "tiles_sql", "values_at_sql"]
 
 Stage = Literal["tile", "frame", "running"]
 
@@ -299,11 +299,59 @@ def values_at_sql(feature_set: FeatureSet, relation: str, points: str) -> str:
     )
 
 
-def backfill_sql(feature_set: FeatureSet, relation: str, start: int, end: int, order: bool = True) -> str:
+def _partial_columns(cols: list[_Col], prefix: str) -> list[list[str]]:
+    return [
+        [f"{prefix}{c.index}_n", f"{prefix}{c.index}_v"]
+        if c.measure.kind == "last"
+        else [f"{prefix}{c.index}"]
+        for c in cols
+    ]
+
+
+def own_columns(feature_set: FeatureSet) -> list[list[list[str]]]:
+    """Per window, per measure it needs (in the engine's order), the columns ``backfill_sql(...,
+    own=True)`` gives the row's own-tile partial in: one, or two (count, latest) for ``last``."""
+    _, _, windows, used = _columns(feature_set)
+    return [_partial_columns(used[window_ms], f"own_{w}_") for w, window_ms in enumerate(windows)]
+
+
+def tile_columns(feature_set: FeatureSet) -> list[list[list[str]]]:
+    """Per window, per measure, the columns of :func:`tiles_sql` holding its partial (as own_columns)."""
+    _, _, windows, used = _columns(feature_set)
+    return [_partial_columns(used[window_ms], "t") for window_ms in windows]
+
+
+def tiles_sql(feature_set: FeatureSet, relation: str, start: int, end: int, window: int) -> str:
+    """ClickHouse SQL for the partials of window number ``window``'s tiles (one row per entity and
+    tile with events), from the events ``backfill_sql`` reads for ``[start, end)``: columns
+    ``entity_key``, ``tile``, then per measure of the window (the engine's order) its partial,
+    named as :func:`tile_columns` says; sketches' buckets ascending. By entity, then tile."""
+    fs = feature_set
+    _, cols, windows, used = _columns(fs)
+    tile = tile_ms(windows[window])
+    select: list[str] = []
+    for col in used[windows[window]]:
+        if col.measure.kind == "distinct":  # ascending, as the engine writes a sketch's buckets
+            select.append(f"arraySort(groupUniqArray({col.m})) AS t{col.index}")
+        else:
+            select += col.aggregate("tile", f"t{col.index}")
+    time_range = f"hw_time >= {max(start - fs.max_window_ms, 0)} AND hw_time < {end}"
+    return (
+        f"WITH\n{_base_cte(fs, cols, relation, time_range)}\n"
+        f"SELECT hw_key AS entity_key, intDiv(hw_time, {tile}) AS tile,\n    {_indent(select)}\n"
+        "FROM base GROUP BY entity_key, tile ORDER BY entity_key, tile"
+    )
+
+
+def backfill_sql(
+    feature_set: FeatureSet, relation: str, start: int, end: int, order: bool = True, *, own: bool = False
+) -> str:
     """ClickHouse SQL for the feature set's values at every source event time in ``[start, end)`` (ms).
 
     ``relation`` is a table, view or table function with the source event's fields as
-    columns, ``event_time`` in epoch milliseconds. ``order`` sorts by entity and time.
+    columns, ``event_time`` in epoch milliseconds. ``order`` sorts by entity and time. ``own``
+    adds each row's own-tile partials (:func:`own_columns`): with :func:`tiles_sql`, what the
+    row's tiles are made of (:mod:`features.tiles`).
     """
     fs = feature_set
     measures, cols, windows, used = _columns(fs)
@@ -313,6 +361,10 @@ def backfill_sql(feature_set: FeatureSet, relation: str, start: int, end: int, o
     )
     for w, window_ms in enumerate(windows):
         _add_window(parts, w, window_ms, used[window_ms])
+        if own:
+            for col in used[window_ms]:
+                suffixes = ["_n", "_v"] if col.measure.kind == "last" else [""]
+                parts.combined += [f"cur.c{w}_{col.index}{x} AS own_{w}_{col.index}{x}" for x in suffixes]
     parts.ctes.append(
         f"cur AS (\n    SELECT hw_key, hw_time,\n        {_indent(parts.running)}\n"
         f"    FROM base\n    WINDOW {_indent(parts.named_windows)}\n)"
@@ -324,6 +376,8 @@ def backfill_sql(feature_set: FeatureSet, relation: str, start: int, end: int, o
     )
 
     outputs = ["hw_key AS entity_key", "hw_time AS event_time", *_finish(fs, measures, windows, "hw_{w}_{i}")]
+    if own:
+        outputs += [c for window in own_columns(fs) for measure in window for c in measure]
     sql = (
         "WITH\n"
         + ",\n".join(parts.ctes)

@@ -38,7 +38,8 @@ from features import (
 )
 from features.engine import evaluate_tiles
 from features.examples.clickstream import item_activity, user_activity
-from features.sql import values_at_sql
+from features.sql import tiles_sql, values_at_sql
+from features.tiles import backfill_tiles
 from headwater.sample_data import iter_events
 from tests.features.oracle import accepted, expected, last_updates
 from tests.features.oracle import values_at as oracle_values_at
@@ -245,3 +246,33 @@ def test_a_duplicated_event_counts_once_in_the_stream_and_the_backfill(tmp_path:
     once = expected(FS, events)
     assert same(last_updates(updates), once)
     assert same(backfill(FS, relation), once)
+
+
+@pytest.mark.parametrize("fs", [FS, user_activity, item_activity], ids=lambda fs: fs.name)
+def test_backfilled_rows_carry_the_streams_tiles_byte_for_byte(
+    fs: FeatureSet, clicks: list[Any], tmp_path: Path
+) -> None:
+    rng = random.Random(21)
+    if fs is FS:
+        events = sorted(
+            (click(BASE + rng.randint(0, 2 * 3_600_000), user=f"u{rng.randint(1, 3)}",
+                   item=rng.choice("abcd"), action=rng.choice(["IMPRESSION", "CLICK"]),
+                   position=rng.randint(1, 3), propensity=rng.choice([None, 0.1, 0.25]), event_id=f"e{i}")
+             for i in range(400)),
+            key=lambda e: e["event_time"],
+        )  # fmt: skip
+    else:
+        events = clicks[:5000]
+    relation = write_parquet(events, tmp_path / f"tiles-{fs.name}.parquet")
+    rows = chdb.query(backfill_sql(fs, relation, 0, 2**62, own=True), "ArrowTable")
+    windows = len({f.window_ms for f in fs.features})
+    tiles = [chdb.query(tiles_sql(fs, relation, 0, 2**62, w), "ArrowTable") for w in range(windows)]
+    blobs, valid = backfill_tiles(fs, rows, tiles)
+    agg = Aggregator(fs)
+    streamed = {(u["entity_key"], u["event_time"]): u for e in events for u in agg.apply(e, write_time=0)}
+    keys = list(
+        zip(rows.column("entity_key").to_pylist(), rows.column("event_time").to_pylist(), strict=True)
+    )
+    assert len(keys) == len(streamed)
+    for key, blob, until in zip(keys, blobs, valid, strict=True):
+        assert (blob, until) == (streamed[key]["tiles"], streamed[key]["valid_until"]), key
