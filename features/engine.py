@@ -28,11 +28,14 @@ evaluates the windows at r from the tiles (:meth:`Aggregator.evaluate`, with
 :func:`evaluate_tiles` to find the definition by the tiles' layout id): the online store on
 every read past ``valid_until``, training sets at each label time. The tiles are msgpack::
 
-    [layout id, [window: [tile row: [tile index, partial of each of the window's measures]]]]
+    [layout id, [window: [closed tile row, ...]], [[window: own tile index], own partials]]
+    tile row: [tile index, partial of each of the window's measures]
 
-with rows ascending by tile index; a ``last`` partial is its value, a distinct sketch its
-bucket numbers. Closed tiles are encoded once and cached with the entity's state, so an
-in-order event encodes only its own tile.
+with each window's closed rows ascending by tile index, before its own (the update's) tile,
+whose partials come last, every window's in one flat list;
+a ``last`` partial is its value, a distinct sketch its bucket numbers (or, past a dozen, its
+bit mask's bytes). Closed tiles are encoded once and cached with the entity's state, so an
+in-order event encodes only its own tiles.
 
 A feature set's filters and per-event contributions, and the finalisation of its values,
 are compiled once into two small Python lambdas (readable in ``contributions_source`` and
@@ -174,14 +177,30 @@ _packb = msgpack.packb
 _index = itemgetter(0)
 
 
-def _bits(mask: int) -> list[int]:
-    """The bucket numbers set in a distinct sketch, ascending (msgpack has no 1,024-bit integers)."""
+_SPARSE_SKETCH = 12  # buckets: up to this many, a sketch is written as its bucket numbers
+
+
+def _sketch(mask: int) -> list[int] | bytes:
+    """A distinct sketch as msgpack can hold it (it has no 1,024-bit integers): a few buckets as
+    their numbers, ascending (a user's sketch in a tile: a few bytes); more as the mask's
+    little-endian bytes (a busy item's: at most 128 bytes, converted in C both ways)."""
+    if mask.bit_count() > _SPARSE_SKETCH:
+        return mask.to_bytes((mask.bit_length() + 7) // 8, "little")
     out = []
     while mask:
         low = mask & -mask
         out.append(low.bit_length() - 1)
         mask ^= low
     return out
+
+
+def _mask(sketch: list[int] | bytes) -> int:
+    if isinstance(sketch, bytes):
+        return int.from_bytes(sketch, "little")
+    mask = 0
+    for bucket in sketch:
+        mask |= 1 << bucket
+    return mask
 
 
 def _array_header(count: int) -> bytes:
@@ -223,16 +242,19 @@ class _WindowPlan:
         self.lasts = [j for j, k in enumerate(kinds) if k == "last"]
         self.sketches = [j for j, k in enumerate(kinds) if k == "distinct"]
 
+    def row_values(self, index: int, part: list[Partial]) -> list[Any]:
+        """One tile as a row: its index, then each measure's partial as msgpack holds it."""
+        row = [index, *part]
+        for j in self.lasts:
+            if row[j + 1] is not None:
+                row[j + 1] = row[j + 1][2]  # the value: rows are in time order, so the last wins
+        for j in self.sketches:
+            row[j + 1] = _sketch(row[j + 1])
+        return row
+
     def row(self, index: int, part: list[Partial]) -> bytes:
-        """One tile as a msgpack row: its index, then each measure's partial."""
-        if self.lasts or self.sketches:
-            part = list(part)
-            for j in self.lasts:
-                if part[j] is not None:
-                    part[j] = part[j][2]  # the value: rows are in time order, so the last wins
-            for j in self.sketches:
-                part[j] = _bits(part[j])
-        row: bytes = _packb([index, *part])
+        """:meth:`row_values` encoded."""
+        row: bytes = _packb(self.row_values(index, part))
         return row
 
     def suffix(self, rows: list[list[Any]], lo: int) -> tuple[list[Partial], int | None]:
@@ -249,10 +271,7 @@ class _WindowPlan:
                 if part[j] is not None:
                     part[j] = [row[0], "", part[j]]  # ordered by tile: a later row is later
             for j in sketches:
-                mask = 0
-                for bucket in part[j]:
-                    mask |= 1 << bucket
-                part[j] = mask
+                part[j] = _mask(part[j])
             acc = list(map(_call, combine, acc, part))
         return acc, leaves
 
@@ -267,12 +286,16 @@ class _WindowPlan:
 
 @dataclass(slots=True, eq=False)
 class TileCache:
-    """One entity's encoded tile rows, kept between its updates: per window each closed tile's row
-    (parallel to the tile indices), and the rows an update's tiles last joined (first tile, own
-    tile, joined rows, their count, first row's index)."""
+    """One entity's encoded tiles, kept between its updates: per window each closed tile's row
+    (parallel to the tile indices), and for the last update's own tiles (one index per window)
+    the tiles' bytes up to the own rows and until when the values hold: the same for every
+    update until one of those tiles changes."""
 
     rows: list[list[bytes]] | None = None
-    joined: dict[int, tuple[int, int, bytes, int, int]] = field(default_factory=dict)
+    windows: list[tuple[int, bytes, int]] | None = None  # per window: own tile, closed rows, leaves at
+    key: list[int] | None = None
+    prefix: bytes = b""
+    valid_until: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -386,8 +409,11 @@ class Aggregator:
         self._others = [(pos, i, comb) for pos, i, comb in flat if comb is not _add]
         self._combine = [comb for _, _, comb in flat]
         self._identity = [x for p in self._windows for x in p.identity]
-        # Every tile blob starts with [layout id, [window 1, window 2, ...]]: its first bytes.
-        self._tiles_head = _array_header(2) + _packb(fs.layout_id) + _array_header(len(self._windows))
+        # Every tile blob starts with [layout id, [window 1's closed rows, ...]: its first bytes.
+        self._tiles_head = _array_header(3) + _packb(fs.layout_id) + _array_header(len(self._windows))
+        self._lasts = [p.offset + j for p in self._windows for j in p.lasts]  # flat positions
+        self._sketches = [p.offset + j for p in self._windows for j in p.sketches]
+        self._special = bool(self._lasts or self._sketches)
         values: list[str] = []
         for feature in fs.features:
             plan = self._windows[window_ms.index(feature.window_ms)]
@@ -508,7 +534,7 @@ class Aggregator:
         ``at`` that a value may change (a tile leaves a window; None: every window is empty and
         stays so). ``at`` before the update's event time reads as that time: tiles hold nothing
         older."""
-        layout, windows = msgpack.unpackb(tiles)
+        layout, closed, (own_tiles, own) = msgpack.unpackb(tiles)
         if layout != self.feature_set.layout_id:
             raise HeadwaterError(
                 f"{self._name}: tiles of layout {layout:x} given to the definition of layout "
@@ -516,7 +542,8 @@ class Aggregator:
             )
         snapshot: Snapshot = []
         until: int | None = None
-        for plan, rows in zip(self._windows, windows, strict=True):
+        for plan, rows, c in zip(self._windows, closed, own_tiles, strict=True):
+            rows.append([c, *own[plan.offset : plan.end]])
             part, leaves = plan.suffix(rows, at // plan.tile - plan.n + 1)
             snapshot.extend(part)
             if leaves is not None and (until is None or leaves < until):
@@ -581,28 +608,51 @@ class Aggregator:
         t's tile are used) and t's own-tile partials (flat). ``cache`` keeps the encoded rows of
         one entity's tiles between calls: give each entity its own, and drop it when a closed
         tile changes (the engine does; the backfill's tiles never change)."""
-        out = [self._tiles_head]
-        valid_until: int | None = None
+        own_tiles = [t // size for size in self._tile_sizes]
+        if cache.key != own_tiles:  # another tile of some window: its closed rows change
+            self._closed_prefix(starts, parts, own_tiles, cache)
+        if self._special:  # lasts and sketches as msgpack holds them (see _WindowPlan.row_values)
+            own = own.copy()
+            for pos in self._lasts:
+                if own[pos] is not None:
+                    own[pos] = own[pos][2]
+            for pos in self._sketches:
+                own[pos] = _sketch(own[pos])
+        return cache.prefix + _packb([own_tiles, own]), cache.valid_until
+
+    def _closed_prefix(
+        self,
+        starts: list[list[int]],
+        parts: list[list[list[Partial]]],
+        own_tiles: list[int],
+        cache: TileCache,
+    ) -> None:
+        """The bytes of an update's tiles before its own tiles (layout id and closed rows), and
+        until when its values hold (the oldest non-empty tile of a window leaves), into ``cache``.
+        A window whose own tile did not change keeps its closed rows (they change only when a
+        tile closes or leaves, which moves the own tile)."""
         if cache.rows is None:
             cache.rows = [
                 [plan.row(i, part) for i, part in zip(starts[w], parts[w], strict=True)]
                 for w, plan in enumerate(self._windows)
             ]
-        rows, joined = cache.rows, cache.joined
-        for w, plan in enumerate(self._windows):
-            c = t // plan.tile
-            lo = c - plan.n + 1
-            cached = joined.get(w)
-            if cached is None or cached[0] != lo or cached[1] != c:
-                first, end = bisect_left(starts[w], lo), bisect_left(starts[w], c)
-                closed = b"".join(rows[w][first:end])
-                cached = joined[w] = (lo, c, closed, end - first, starts[w][first] if end > first else c)
-            out += (_array_header(cached[3] + 1), cached[2], plan.row(c, own[plan.offset : plan.end]))
-            leaves = (cached[4] + plan.n) * plan.tile  # when the oldest non-empty tile leaves
-            if valid_until is None or leaves < valid_until:
-                valid_until = leaves
+        windows = cache.windows
+        if windows is None:
+            windows = cache.windows = [(-1, b"", 0)] * len(self._windows)
+        prefix = [self._tiles_head]
+        valid_until: int | None = None
+        for w, (plan, c) in enumerate(zip(self._windows, own_tiles, strict=True)):
+            window = windows[w]
+            if window[0] != c:
+                tiles = starts[w]
+                first, end = bisect_left(tiles, c - plan.n + 1), bisect_left(tiles, c)
+                closed = b"".join((_array_header(end - first), *cache.rows[w][first:end]))
+                window = windows[w] = (c, closed, ((tiles[first] if end > first else c) + plan.n) * plan.tile)
+            prefix.append(window[1])
+            if valid_until is None or window[2] < valid_until:
+                valid_until = window[2]
         assert valid_until is not None  # a feature set has at least one window
-        return b"".join(out), valid_until
+        cache.key, cache.prefix, cache.valid_until = own_tiles, b"".join(prefix), valid_until
 
     def _in_order(
         self, state: EntityState, t: int, source_id: str, contributions: list[Partial], horizon: int

@@ -27,16 +27,36 @@ values at its own event time. Events sharing an entity and an event time therefo
 several updates for that time; the last one emitted holds all of them (newer-wins keeps it,
 as does compaction of the ``feature-updates`` topic).
 
-**Lateness.** Each feature set has an allowed lateness L (default 1 min). An event is
-*too late* when ``event_time < max_event_time - L``, where ``max_event_time`` is the
-largest event time accepted so far for that entity; an event exactly L behind is still
-accepted. A too-late event changes nothing and is rejected with reason ``too_late``; the
-processor sends it to ``dead-letters`` (so it is visible and replayable) and the backfill,
-which sees complete data, counts it. An out-of-order event within L is aggregated as if
-it had come in order: it gets its own update at its event time, and every later event
-time of that entity within L gets a *correction* update (ascending, ending at the
-entity's latest time), so the last update per (entity, event time) always equals the
-backfill's value, and the latest update per entity is the entity's current value.
+**Read time.** A window's value is defined at any time t, not only at event times: the
+entity's events in ``[window_start(t, W), t]``. Between events it changes as tiles leave the
+window, and long after the last event every window is empty (counts 0, others null). Each
+update gives the values at its event time with the tiles they came from, and ``valid_until``,
+the first time a non-empty tile leaves a window; readers (the online store, training sets)
+evaluate later times from the tiles. A reader at a time before the update's event time reads
+it as of that time.
+
+**Lateness and watermarks.** Each feature set has an allowed lateness L (default 1 min).
+Each input partition's *watermark* is the largest event time accepted from it so far. An
+event is *too late* when ``event_time < watermark - L`` for the watermark of its own
+partition as it was before the event (:func:`is_too_late`); an event exactly L behind is
+still accepted. Judged per partition, lateness depends only on what that partition delivered
+before the event, never on how far other partitions (or a backlog fetched in another
+interleaving) have got, so live processing, a backlog and a restart reject the same events.
+A too-late event changes nothing and is rejected with reason ``too_late``; the processor
+sends it to ``dead-letters`` (so it is visible and replayable) and the backfill, which sees
+complete data, counts it. An out-of-order event within L is aggregated as if it had come in
+order: it gets its own update at its event time, and every later event time of that entity
+that its windows reach gets a *correction* update (ascending, ending at the entity's latest
+time), so the last update per (entity, event time) always equals the backfill's value, and
+the latest update per entity is the entity's current value. The smallest watermark over the
+partitions, minus L, is the state's horizon: nothing older can be accepted, so no state older
+is kept. A partition that delivers nothing for a while (``processors.idle_partition_s``) stops
+holding the horizon back; events it brings later below the horizon are too late.
+
+**Duplicates and the future.** An event whose ``event_id`` was already accepted (a client's
+retry) is rejected with reason ``duplicate`` and counts once; the backfill counts each id
+once too. An event dated more than a skew (``processors.future_skew_s``, default 5 min) ahead
+of the time of processing is rejected with reason ``future`` and moves no watermark.
 
 **Approximate distinct count.** Linear counting over ``m = 1024`` buckets: a value falls
 in bucket ``xxHash64(canonical string) % m`` (``xxhash.xxh64_intdigest`` in Python,
@@ -134,8 +154,9 @@ def window_start(t: int, window_ms: int) -> int:
     return (t // tile - window_ms // tile + 1) * tile
 
 
-def is_too_late(t: int, max_event_time: int | None, lateness_ms: int) -> bool:
-    return max_event_time is not None and t < max_event_time - lateness_ms
+def is_too_late(t: int, watermark: int | None, lateness_ms: int) -> bool:
+    """An event at t is too late for its partition's watermark (None: nothing delivered yet)."""
+    return watermark is not None and t < watermark - lateness_ms
 
 
 def distinct_bucket(value: str | int) -> int:
