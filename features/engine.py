@@ -28,14 +28,14 @@ evaluates the windows at r from the tiles (:meth:`Aggregator.evaluate`, with
 :func:`evaluate_tiles` to find the definition by the tiles' layout id): the online store on
 every read past ``valid_until``, training sets at each label time. The tiles are msgpack::
 
-    [layout id, [window: [closed tile row, ...]], [[window: own tile index], own partials]]
+    [layout id, [window: own tile index], [window: [closed tile row, ...]], own partials]
     tile row: [tile index, partial of each of the window's measures]
 
-with each window's closed rows ascending by tile index, before its own (the update's) tile,
-whose partials come last, every window's in one flat list;
-a ``last`` partial is its value, a distinct sketch its bucket numbers (or, past a dozen, its
-bit mask's bytes). Closed tiles are encoded once and cached with the entity's state, so an
-in-order event encodes only its own tiles.
+with each window's closed rows ascending by tile index, and the own (the update's) tiles'
+partials last, every window's in one flat list. A ``last`` partial is its value, a distinct
+sketch its bucket numbers (or, past a dozen, its bit mask's bytes). Closed tiles are encoded
+once and cached with the entity's state, so an in-order event encodes only its own tiles; a
+reader skips, unread, the windows whose tiles have all left.
 
 A feature set's filters and per-event contributions, and the finalisation of its values,
 are compiled once into two small Python lambdas (readable in ``contributions_source`` and
@@ -48,9 +48,10 @@ from __future__ import annotations
 import json
 from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from functools import reduce as functools_reduce
 from operator import add, itemgetter
 from typing import Any
 
@@ -177,6 +178,54 @@ _packb = msgpack.packb
 _index = itemgetter(0)
 
 
+def _sum_of(start: Partial) -> Callable[[Sequence[Any]], Partial]:
+    def total(column: Sequence[Any]) -> Partial:  # one at a time, oldest first: as fold() adds
+        return functools_reduce(add, column, start)
+
+    return total
+
+
+def _extreme_of(pick: Callable[..., Any]) -> Callable[[Partial], Callable[[Sequence[Any]], Partial]]:
+    def make(_: Partial) -> Callable[[Sequence[Any]], Partial]:
+        def extreme(column: Sequence[Any]) -> Partial:
+            present = [x for x in column if x is not None]
+            return pick(present) if present else None
+
+        return extreme
+
+    return make
+
+
+def _last_of(_: Partial) -> Callable[[Sequence[Any]], Partial]:
+    def last(column: Sequence[Any]) -> Partial:  # rows are in time order: the newest non-null
+        for value in reversed(column):
+            if value is not None:
+                return [1, "", value]  # in the engine's form; only the value is read
+        return None
+
+    return last
+
+
+def _union_of(_: Partial) -> Callable[[Sequence[Any]], Partial]:
+    def union(column: Sequence[Any]) -> Partial:
+        mask = 0
+        for sketch in column:
+            mask |= _mask(sketch)
+        return mask
+
+    return union
+
+
+_REDUCERS: dict[str, Callable[[Partial], Callable[[Sequence[Any]], Partial]]] = {
+    "count": _sum_of,
+    "sum": _sum_of,
+    "min": _extreme_of(min),
+    "max": _extreme_of(max),
+    "last": _last_of,
+    "distinct": _union_of,
+}
+
+
 _SPARSE_SKETCH = 12  # buckets: up to this many, a sketch is written as its bucket numbers
 
 
@@ -241,6 +290,8 @@ class _WindowPlan:
         # Tile rows (see the module docstring): measures whose partial is not plain msgpack data.
         self.lasts = [j for j, k in enumerate(kinds) if k == "last"]
         self.sketches = [j for j, k in enumerate(kinds) if k == "distinct"]
+        # Per measure: its tiles' partials as written in rows (oldest first) -> their combination.
+        self._reducers = [_REDUCERS[k](x) for k, x in zip(kinds, self.identity, strict=True)]
 
     def row_values(self, index: int, part: list[Partial]) -> list[Any]:
         """One tile as a row: its index, then each measure's partial as msgpack holds it."""
@@ -261,19 +312,12 @@ class _WindowPlan:
         """The partials of the tiles with index >= lo among ``rows`` (a decoded window), combined
         oldest first like :meth:`fold`, and when the first of those tiles leaves the window
         (None: no tile left, the window stays empty)."""
-        acc = self.identity.copy()
-        combine, lasts, sketches = self.combine, self.lasts, self.sketches
         first = bisect_left(rows, lo, key=_index)
-        leaves = (rows[first][0] + self.n) * self.tile if first < len(rows) else None
-        for row in rows[first:]:
-            part = row[1:]
-            for j in lasts:
-                if part[j] is not None:
-                    part[j] = [row[0], "", part[j]]  # ordered by tile: a later row is later
-            for j in sketches:
-                part[j] = _mask(part[j])
-            acc = list(map(_call, combine, acc, part))
-        return acc, leaves
+        if first == len(rows):
+            return self.identity.copy(), None
+        columns = list(zip(*rows[first:], strict=True))  # a column per measure, after the indices
+        acc = [reduce(column) for reduce, column in zip(self._reducers, columns[1:], strict=True)]
+        return acc, (rows[first][0] + self.n) * self.tile
 
     def fold(self, starts: list[int], parts: list[list[Partial]], lo: int, hi: int) -> list[Partial]:
         """Aggregate of the closed tiles with lo <= index <= hi, combined oldest first."""
@@ -410,7 +454,7 @@ class Aggregator:
         self._combine = [comb for _, _, comb in flat]
         self._identity = [x for p in self._windows for x in p.identity]
         # Every tile blob starts with [layout id, [window 1's closed rows, ...]: its first bytes.
-        self._tiles_head = _array_header(3) + _packb(fs.layout_id) + _array_header(len(self._windows))
+        self._tiles_head = _array_header(4) + _packb(fs.layout_id)
         self._lasts = [p.offset + j for p in self._windows for j in p.lasts]  # flat positions
         self._sketches = [p.offset + j for p in self._windows for j in p.sketches]
         self._special = bool(self._lasts or self._sketches)
@@ -534,15 +578,34 @@ class Aggregator:
         ``at`` that a value may change (a tile leaves a window; None: every window is empty and
         stays so). ``at`` before the update's event time reads as that time: tiles hold nothing
         older."""
-        layout, closed, (own_tiles, own) = msgpack.unpackb(tiles)
+        unpacker = _unpacker(tiles)
+        layout = unpacker.unpack()
         if layout != self.feature_set.layout_id:
             raise HeadwaterError(
                 f"{self._name}: tiles of layout {layout:x} given to the definition of layout "
                 f"{self.feature_set.layout_id:x}: use evaluate_tiles"
             )
+        return self._evaluate(unpacker, at)
+
+    def _evaluate(self, unpacker: msgpack.Unpacker, at: int) -> tuple[dict[str, Any], int | None]:
+        """:meth:`evaluate` from the own tiles on: windows whose every tile has left by ``at`` are
+        skipped unread (a read long after the last event decodes only the longest window)."""
+        own_tiles = unpacker.unpack()
+        unpacker.read_array_header()
+        closed: list[list[list[Any]] | None] = []
+        for plan, c in zip(self._windows, own_tiles, strict=True):
+            if at // plan.tile - plan.n + 1 > c:  # even the own tile left: empty
+                unpacker.skip()
+                closed.append(None)
+            else:
+                closed.append(unpacker.unpack())
+        own = unpacker.unpack()
         snapshot: Snapshot = []
         until: int | None = None
         for plan, rows, c in zip(self._windows, closed, own_tiles, strict=True):
+            if rows is None:
+                snapshot.extend(plan.identity)
+                continue
             rows.append([c, *own[plan.offset : plan.end]])
             part, leaves = plan.suffix(rows, at // plan.tile - plan.n + 1)
             snapshot.extend(part)
@@ -618,7 +681,7 @@ class Aggregator:
                     own[pos] = own[pos][2]
             for pos in self._sketches:
                 own[pos] = _sketch(own[pos])
-        return cache.prefix + _packb([own_tiles, own]), cache.valid_until
+        return cache.prefix + _packb(own), cache.valid_until
 
     def _closed_prefix(
         self,
@@ -639,7 +702,7 @@ class Aggregator:
         windows = cache.windows
         if windows is None:
             windows = cache.windows = [(-1, b"", 0)] * len(self._windows)
-        prefix = [self._tiles_head]
+        prefix = [self._tiles_head, _packb(own_tiles), _array_header(len(self._windows))]
         valid_until: int | None = None
         for w, (plan, c) in enumerate(zip(self._windows, own_tiles, strict=True)):
             window = windows[w]
@@ -823,16 +886,22 @@ def _aggregator(layout_id: int) -> Aggregator:
     return Aggregator(feature_set_by_layout(layout_id))
 
 
-def tiles_layout(tiles: bytes) -> int:
-    """The layout id an update's tiles start with (the first element of their msgpack array)."""
+def _unpacker(tiles: bytes) -> msgpack.Unpacker:
+    """An unpacker at the first element of an update's tiles (their layout id)."""
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(tiles)
     unpacker.read_array_header()
-    layout: int = unpacker.unpack()
+    return unpacker
+
+
+def tiles_layout(tiles: bytes) -> int:
+    """The layout id an update's tiles start with (the first element of their msgpack array)."""
+    layout: int = _unpacker(tiles).unpack()
     return layout
 
 
 def evaluate_tiles(tiles: bytes, at: int) -> tuple[dict[str, Any], int | None]:
     """:meth:`Aggregator.evaluate` by the definition that wrote the tiles (found by the layout id
     they carry; NotFoundError if this process has not loaded it)."""
-    return _aggregator(tiles_layout(tiles)).evaluate(tiles, at)
+    unpacker = _unpacker(tiles)
+    return _aggregator(unpacker.unpack())._evaluate(unpacker, at)
