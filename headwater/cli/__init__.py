@@ -18,7 +18,19 @@ from typing import Annotated, NoReturn
 import typer
 from confluent_kafka import KafkaException
 
-from headwater.cli import broker, demo, events, features, models, processors, schemas, serve, sql, topics
+from headwater.cli import (
+    broker,
+    demo,
+    doctor,
+    events,
+    features,
+    models,
+    processors,
+    schemas,
+    serve,
+    sql,
+    topics,
+)
 from headwater.errors import HeadwaterError
 from headwater.settings import Settings, load_settings
 
@@ -59,7 +71,7 @@ def _root(
         ctx.obj = load_settings(config, **overrides)
 
 
-for _module in (broker, topics, schemas, events, features, models, processors, serve, sql, demo):
+for _module in (broker, topics, schemas, events, features, models, processors, serve, sql, doctor, demo):
     _module.register(app)
 
 
