@@ -34,7 +34,7 @@ from headwater.cli import (
 from headwater.errors import HeadwaterError
 from headwater.settings import Settings, load_settings
 
-__all__ = ["app", "main", "one_line"]
+__all__ = ["app", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ for _module in (broker, topics, schemas, events, features, models, processors, s
 _RDKAFKA_LOGGER = "streams.rdkafka"
 
 
-def one_line(message: str) -> str:
+def _one_line(message: str) -> str:
     """A message on one line: its lines joined with "; " (a ClickHouse error and the query it was
     in, a service's last log lines), runs of spaces collapsed."""
     lines = (" ".join(line.split()) for line in message.splitlines())
@@ -88,7 +88,7 @@ def one_line(message: str) -> str:
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"headwater: error: {one_line(message)}", err=True)
+    typer.echo(f"headwater: error: {_one_line(message)}", err=True)
     sys.exit(code)
 
 
