@@ -71,6 +71,7 @@ def test_commands_without_a_broker_or_with_bad_arguments_fail_in_one_line(tmp_pa
     cases = {
         ("--data-dir", empty, "models", "list"): (1, "no broker: run `headwater up`"),
         ("--data-dir", empty, "models", "show", "ctr_model"): (1, "no broker"),
+        ("--data-dir", empty, "serve", "--port", "0", "--metrics-port", "0"): (1, "no broker"),
         ("--data-dir", empty, "sql", "SELECT count() FROM clicks"): (
             1,
             f"data directory {empty} does not exist",
@@ -93,6 +94,7 @@ def test_commands_without_a_broker_or_with_bad_arguments_fail_in_one_line(tmp_pa
     unreachable = {
         ("--data-dir", empty, "models", "list"): (1, "cannot read topic metadata"),
         ("--data-dir", empty, "tail", "clicks"): (1, "cannot read topic metadata"),
+        ("--data-dir", empty, "serve", "--port", "0", "--metrics-port", "0"): (1, "does not answer"),
         ("--data-dir", empty, "topics", "create"): (1, "is the broker up?"),
     }
     assert_one_line_errors(unreachable, tmp_path, HEADWATER_BOOTSTRAP_SERVERS=closed)

@@ -11,8 +11,9 @@ from types import FrameType
 from typing import Annotated
 
 import typer
+from confluent_kafka import KafkaException
 
-from headwater.cli.common import console, settings_of
+from headwater.cli.common import admin_client, console, settings_of
 from headwater.errors import ConfigError, HeadwaterError
 from headwater.settings import ServingSettings, Settings
 from infra.services import Services
@@ -31,6 +32,19 @@ def _check_not_running(settings: Settings) -> None:
             f"a prediction service is already running for data dir {settings.data_dir} (pid {info.pid}, "
             "started by `headwater up`): use it, stop it with `headwater down`, or pass another --data-dir"
         )
+
+
+def _check_kafka(settings: Settings) -> None:
+    """The service reads the registry from Kafka before it answers anything: without Kafka it
+    cannot start, and says so in one line (rather than through its event sender's log)."""
+    try:
+        admin_client(settings).list_topics(timeout=10)  # a HeadwaterError without a broker to find
+    except KafkaException as exc:
+        where = settings.bootstrap_servers or "the embedded broker"
+        raise HeadwaterError(
+            f"Kafka at {where} does not answer ({exc.args[0] if exc.args else exc}): is the broker up? "
+            "(`headwater status`)"
+        ) from exc
 
 
 def _check_free(host: str, port: int, what: str, option: str) -> None:
@@ -80,6 +94,7 @@ def serve(
     cfg = settings.serving
     _check_free(cfg.host, cfg.port, "gRPC", "--port")
     _check_free(cfg.host, cfg.metrics_port, "metrics", "--metrics-port")
+    _check_kafka(settings)
     stop = threading.Event()
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
