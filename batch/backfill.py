@@ -71,10 +71,10 @@ from features.predicates import sql_identifier, sql_literal
 from features.repository import FeatureRepository
 from features.sql import backfill_sql
 from headwater.errors import ConfigError, HeadwaterError
-from headwater.files import fsync_dir
 from headwater.settings import Settings
 from processors.lake.columns import event_columns
 from processors.lake.layout import DATE_PREFIX, FileName, date_of
+from processors.lake.manifest import remove_lake_file
 from processors.lake.writer import write_parquet
 from serving.online_store import open_online_store
 from streams.catalog import SchemaCatalog
@@ -418,7 +418,6 @@ def _rewrite_day(
         path = write_parquet(folder, FileName(partition, first, first + n - 1, TOPIC), table)
     for f in mine:
         if f.path != path:
-            f.path.unlink(missing_ok=True)
-            fsync_dir(f.path.parent)
+            remove_lake_file(f.path)
             log.info("replaced backfill file %s", f.path)
     return path

@@ -24,11 +24,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object]) -> Path:
-    """Write ``data`` (bytes, or a function writing to the open file) to ``path`` durably."""
+def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object], *, mode: int = 0o666) -> Path:
+    """Write ``data`` (bytes, or a function writing to the open file) to ``path`` durably.
+
+    ``mode`` (less the umask) is the file's from its creation: 0o600 keeps a file holding a
+    secret private at every instant, not only once written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
+    tmp.unlink(missing_ok=True)  # a leftover of a crash would keep its own mode
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as fh:
         if isinstance(data, bytes):
             fh.write(data)
         else:

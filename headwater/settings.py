@@ -8,10 +8,13 @@ everything embedded on one machine. Nothing else in Headwater reads the environm
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
+import yaml
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
@@ -23,6 +26,8 @@ from pydantic_settings import (
 from headwater.errors import ConfigError
 
 __all__ = [
+    "ENV_PREFIX",
+    "SECRET_FIELDS",
     "BatchSettings",
     "BrokerSettings",
     "OfflineStoreSettings",
@@ -32,9 +37,33 @@ __all__ = [
     "ServingSettings",
     "Settings",
     "load_settings",
+    "redact_url",
 ]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+ENV_PREFIX = "HEADWATER_"
+#: Fields that may hold credentials (a password in a URL, SASL or TLS secrets in librdkafka's
+#: settings): Headwater never writes them to a file of its own, and names URLs without them.
+SECRET_FIELDS: tuple[tuple[str, ...], ...] = (
+    ("online_store", "redis_url"),
+    ("offline_store", "clickhouse_url"),
+    ("kafka_client",),
+)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (``clickhouse://user:***@host:9000/db``), to name it in messages."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    except ValueError:  # not a URL we can take apart: say nothing of it
+        return "<unparsable URL>"
 
 
 class BrokerSettings(BaseModel):
@@ -231,7 +260,7 @@ class Settings(BaseSettings):
     """Everything configurable in Headwater."""
 
     model_config = SettingsConfigDict(
-        env_prefix="HEADWATER_", env_nested_delimiter="__", extra="forbid", validate_default=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
     )
 
     bootstrap_servers: str | None = Field(
@@ -268,6 +297,29 @@ class Settings(BaseSettings):
         # The YAML source reads model_config["yaml_file"], set by load_settings; without one it is empty.
         return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
 
+    def dump_without_secrets(self) -> dict[str, Any]:
+        """The settings as YAML-ready data, without :data:`SECRET_FIELDS` (see :meth:`secrets_env`)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        for path in SECRET_FIELDS:
+            parent = data
+            for name in path[:-1]:
+                parent = parent.get(name, {})
+            parent.pop(path[-1], None)
+        return data
+
+    def secrets_env(self) -> dict[str, str]:
+        """:data:`SECRET_FIELDS` that are set, as the ``HEADWATER_*`` variables that set them: how a
+        child process gets them without a file (with :meth:`dump_without_secrets` as its config)."""
+        env: dict[str, str] = {}
+        for path in SECRET_FIELDS:
+            value: Any = self
+            for name in path:
+                value = getattr(value, name)
+            if value:
+                name = ENV_PREFIX + "__".join(path).upper()
+                env[name] = value if isinstance(value, str) else json.dumps(value)
+        return env
+
     @property
     def state_dir(self) -> Path:
         """Where running services keep pid files, ports and logs."""
@@ -296,8 +348,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         config_file = Path(os.environ["HEADWATER_CONFIG"])
     cls: type[Settings] = Settings
     if config_file is not None:
-        if not config_file.is_file():
-            raise ConfigError(f"config file {config_file} does not exist: pass an existing YAML file")
+        _check_yaml(config_file)
 
         class _FromFile(Settings):
             model_config = SettingsConfigDict(**{**Settings.model_config, "yaml_file": config_file})
@@ -308,3 +359,26 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"invalid settings: {problems}") from exc
+
+
+def _check_yaml(path: Path) -> None:
+    """A config file must be a YAML mapping; say where it is not (the YAML source would raise a
+    parser's multi-line error, or a ValueError about dictionary updates)."""
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {path} {what}: pass an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} holds a {type(data).__name__}, not a mapping of settings (key: value)"
+        )

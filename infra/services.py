@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -18,8 +19,9 @@ from pathlib import Path
 import yaml
 
 from headwater.errors import HeadwaterError
+from headwater.files import atomic_write
 from headwater.processes import running, terminate
-from headwater.settings import Settings
+from headwater.settings import ENV_PREFIX, Settings
 
 __all__ = ["ServiceInfo", "Services"]
 
@@ -49,12 +51,26 @@ class Services:
         return self.dir / f"service-{name}.json"
 
     def settings_file(self) -> Path:
-        """The settings of this stack as YAML, for children started with ``--config``."""
+        """The settings of this stack as YAML, for children started with ``--config``: readable by
+        its owner only, and without the secrets (children get those in their environment)."""
         path = self.dir / "settings.yaml"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        data = self.settings.model_dump(mode="json", exclude_none=True)
-        path.write_text(yaml.safe_dump(data, sort_keys=True))
+        self._make_dir()
+        data = self.settings.dump_without_secrets()
+        atomic_write(path, yaml.safe_dump(data, sort_keys=True).encode(), mode=0o600)
+        os.chmod(path, 0o600)  # a file of an older version may have had the umask's mode
         return path
+
+    def _make_dir(self) -> None:
+        # Pid files, logs and the settings of running services: the owner's business only.
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.dir.chmod(0o700)  # made earlier by the broker, with the umask's mode
+
+    def _child_env(self) -> dict[str, str]:
+        """The child's environment: this one without HEADWATER_* variables (its settings are the
+        file's, exactly this process's, where a variable would override what --data-dir or
+        --config chose here), plus the secrets, which the file leaves out."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        return {**env, **self.settings.secrets_env()}
 
     def start(
         self, name: str, args: list[str], *, ready: str | None = None, timeout_s: float = 30.0
@@ -68,11 +84,15 @@ class Services:
             return running
         log_file = self.dir / f"{name}.log"
         argv = [sys.executable, "-m", "headwater.cli", "--config", str(self.settings_file()), *args]
-        self.dir.mkdir(parents=True, exist_ok=True)
         start = log_file.stat().st_size if log_file.exists() else 0
         with log_file.open("ab") as out:
             proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=self._child_env(),
             )
         info = ServiceInfo(name, proc.pid, str(log_file), time.time(), argv)
         self._state_file(name).write_text(json.dumps(asdict(info)))
@@ -86,8 +106,11 @@ class Services:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     terminate(proc.pid, _MARKER, 5.0)
                     self._state_file(name).unlink(missing_ok=True)
-                    tail = log_file.read_text(errors="replace")[-1500:]
-                    raise HeadwaterError(f"service {name} did not start; its log {log_file} ends:\n{tail}")
+                    text = log_file.read_bytes()[start:].decode(errors="replace")
+                    lines = text.strip().splitlines() or ["(nothing)"]
+                    raise HeadwaterError(
+                        f"service {name} did not start; its log {log_file} ends with: {lines[-1][-500:]}"
+                    )
                 time.sleep(0.05)
         log.info("service %s started, pid %d", name, proc.pid)
         return info

@@ -18,8 +18,9 @@ from typing import Generic, Protocol, TypeVar
 import lmdb
 
 from headwater.errors import HeadwaterError
+from headwater.integrity import CheckReport
 
-__all__ = ["Position", "StateStore", "StoredStates"]
+__all__ = ["Position", "StateStore", "StoredStates", "check_state_item", "check_state_stores"]
 
 Position = tuple[str, int]  # physical topic, partition
 _POSITIONS = b"\x00positions"
@@ -73,6 +74,43 @@ class StateStore:
 
     def close(self) -> None:
         self._env.close()
+
+
+def check_state_stores(state_root: Path) -> CheckReport:
+    """Every processor's state store under ``state_root`` read whole (``headwater doctor``): LMDB's
+    pages, keys, and the input positions; the values are the processors' own bytes."""
+    from serving.online_store.lmdb_verify import verify_lmdb  # the LMDB page reader both stores share
+
+    report = CheckReport(
+        f"processor state {state_root}",
+        advice="move a damaged store aside: its processor rebuilds it from its input topics' "
+        "beginning (as far as the broker still holds them)",
+    )
+    stores = sorted(p for p in state_root.iterdir() if p.is_dir()) if state_root.is_dir() else []
+    total = 0
+    for store in stores:
+        records, problems = verify_lmdb(store, check_state_item)
+        total += records
+        for where, problem in problems:
+            report.error(f"{store.name}: {where}", problem)
+    report.checked = f"{len(stores)} stores, {total:,} records read"
+    return report
+
+
+def check_state_item(key: bytes, value: bytes, _get: object) -> str | None:
+    """A state key is text; the positions record is a list of [topic, partition, offset]."""
+    if key != _POSITIONS:
+        try:
+            key.decode()
+        except UnicodeDecodeError:
+            return "a state key that is not text"
+        return None
+    try:
+        positions = json.loads(value)
+        ok = all(isinstance(t, str) and isinstance(p, int) and isinstance(o, int) for t, p, o in positions)
+    except (ValueError, TypeError):
+        ok = False
+    return None if ok else "the input positions do not decode"
 
 
 class Serializable(Protocol):

@@ -39,18 +39,28 @@ def load_holdout(registry: Registry, mv: ModelVersion) -> Any:
 
 
 def holdout_evaluator(registry: Registry, repository: Any, *, metric: str | None = None) -> Evaluator:
-    """An evaluator scoring (candidate, incumbent) on the candidate's holdout with ``metric``
-    (default: the candidate spec's promotion metric, as the gate uses)."""
+    """An evaluator scoring (candidate, incumbent) on the candidate's holdout by the metric the gate
+    asks for (else ``metric``, else the candidate spec's promotion metric). Both pipelines are
+    evaluated once per pair: a gate comparing on two metrics (two policies) reuses the results."""
+    last: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {}  # the latest pair only
 
-    def evaluate(candidate: ModelVersion, incumbent: ModelVersion) -> tuple[float, float]:
+    def evaluate(
+        candidate: ModelVersion, incumbent: ModelVersion, gate_metric: str | None = None
+    ) -> tuple[float, float]:
         from models.artifact import load_pipeline  # the MODELS package: only needed to score
 
-        name = metric or policy_from_spec(candidate.metadata.get("spec")).metric
-        holdout = load_holdout(registry, candidate)
+        name = gate_metric or metric or policy_from_spec(candidate.metadata.get("spec")).metric
+        pair = (candidate.ref, incumbent.ref)
+        if pair not in last:
+            holdout = load_holdout(registry, candidate)
+            cand, inc = (
+                load_pipeline(registry.load_artifact(mv), repository).evaluate(holdout)
+                for mv in (candidate, incumbent)
+            )
+            last.clear()
+            last[pair] = (cand, inc)
         scores = []
-        for mv in (candidate, incumbent):
-            pipeline = load_pipeline(registry.load_artifact(mv), repository)
-            result = pipeline.evaluate(holdout)
+        for mv, result in zip((candidate, incumbent), last[pair], strict=True):
             if name not in result:
                 raise HeadwaterError(
                     f"{mv.ref} does not report metric {name!r} on the holdout; it reports: "

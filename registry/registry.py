@@ -29,7 +29,7 @@ from registry.gate import (
     PromotionPolicyLike,
     PromotionRefused,
     check_promotion,
-    policy_from_spec,
+    promotion_policies,
 )
 from registry.lineage import prediction_clients
 from registry.state import DEFAULT_ALIAS, ModelVersion, RegistryState
@@ -244,19 +244,24 @@ class Registry:
         if not force and alias not in self.settings.registry.gated_aliases:
             metadata["gate"] = {"message": f"{alias} is not gated (settings.registry.gated_aliases)"}
         elif not force:
-            gate = policy_from_spec(
-                candidate.metadata.get("spec"), policy, require_metric=incumbent is not None
+            # The incumbent's policy holds too (stricter wins): see registry.gate.
+            policies = promotion_policies(
+                candidate.metadata.get("spec"),
+                incumbent.metadata.get("spec") if incumbent is not None else None,
+                policy,
+                has_incumbent=incumbent is not None,
             )
-            scores: Callable[[], tuple[float, float]] | None = None
+            gate = policies[0]
+            scores: Callable[[str], tuple[float, float]] | None = None
             if incumbent is not None:
                 if evaluator is None:
                     raise ConfigError(
                         f"promoting {name}:{version} over {name}@{alias} (version {incumbent_v}) needs an "
                         "evaluator to score both on the candidate's holdout"
                     )
-                scores = lambda: evaluator(candidate, incumbent)  # noqa: E731 - called only past the cooldown
+                scores = lambda metric: evaluator(candidate, incumbent, metric)  # noqa: E731 - called only past the cooldown
             decision = check_promotion(
-                gate, target=f"{name}@{alias}", last_move_ms=last_move, now_ms=_now_ms(), scores=scores
+                policies, target=f"{name}@{alias}", last_move_ms=last_move, now_ms=_now_ms(), scores=scores
             )
             if not decision.allowed:
                 raise PromotionRefused(
@@ -270,6 +275,7 @@ class Registry:
                 "candidate_score": decision.candidate_score,
                 "incumbent_score": decision.incumbent_score,
                 "message": decision.message,
+                "scores": {m: list(pair) for m, pair in decision.scores.items()},
             }
         self._write(
             self._event(

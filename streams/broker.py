@@ -98,7 +98,7 @@ class EmbeddedBroker:
         cfg = self.settings.broker
         port = cfg.port or free_port(cfg.host)
         url = f"tcp://{cfg.host}:{port}"
-        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # pids, logs: the owner's
         log_file = self.settings.state_dir / "broker.log"
         with log_file.open("ab") as out:
             proc = subprocess.Popen(
@@ -111,8 +111,8 @@ class EmbeddedBroker:
             wait_for_metadata(bootstrap, cfg.start_timeout_s, alive=lambda: proc.poll() is None)
         except HeadwaterError as exc:
             terminate(proc.pid, "tansu", 5.0)
-            tail = log_file.read_text(errors="replace")[-2000:]
-            raise HeadwaterError(f"{exc}; broker log {log_file}:\n{tail}") from exc
+            lines = log_file.read_text(errors="replace").strip().splitlines() or ["(nothing)"]
+            raise HeadwaterError(f"{exc}; the broker's log {log_file} ends with: {lines[-1][-500:]}") from exc
         info = BrokerInfo(proc.pid, bootstrap, str(log_file), time.time())
         self.state_file.write_text(json.dumps(asdict(info)))
         log.info("embedded broker pid %d listening on %s", proc.pid, bootstrap)

@@ -126,7 +126,12 @@ class Event:
 
 
 class EventConsumer:
-    """Consume logical topics. ``group_id=None`` assigns every partition with no group and no commits."""
+    """Consume logical topics. ``group_id=None`` assigns every partition with no group and no commits.
+
+    Such a reader (``tail``, a state reader in every service) skips a record it cannot decode with
+    a warning (counted in ``undecodable``): dead-lettering is the job of the group that processes
+    the topic, which would otherwise find the record once per reader in ``dead-letters``.
+    """
 
     def __init__(
         self,
@@ -158,6 +163,7 @@ class EventConsumer:
         self._assigned: set[tuple[str, int]] = set()
         self._eof: set[tuple[str, int]] = set()
         self.dead_lettered = 0
+        self.undecodable = 0  # records a reader without a group skipped (it never dead-letters)
         conf = client_config(
             settings,
             **{
@@ -244,7 +250,18 @@ class EventConsumer:
             try:
                 _, record = self.serde.decode(value, spec.event_type)
             except DecodeError as exc:
-                self.dead_letter(msg, exc)
+                if self.group_id is None:
+                    self.undecodable += 1
+                    log.warning(
+                        "%s: skipping %s [%d] @%d, not decodable: %s",
+                        self.name,
+                        topic,
+                        partition,
+                        offset,
+                        exc,
+                    )
+                else:
+                    self.dead_letter(msg, exc)
                 return None
         return _event(
             spec.logical, partition, offset, msg.key(), spec.event_type, record,

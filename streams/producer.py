@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -75,6 +76,17 @@ class EventProducer:
         self.last_error = err
         log.error("delivery to %s [%s] failed: %s", msg.topic(), msg.partition(), err)
 
+    def _on_delivery_to(
+        self, on_failure: Callable[[KafkaError], None], err: KafkaError | None, _: Message
+    ) -> None:
+        """A delivery report of a record whose sender reports its own failures (instead of a log line)."""
+        if err is None:
+            self.delivered += 1
+            return
+        self.failed += 1
+        self.last_error = err
+        on_failure(err)
+
     def send(
         self,
         topic: str,
@@ -82,8 +94,13 @@ class EventProducer:
         *,
         key: str | None = None,
         headers: dict[str, str] | None = None,
+        on_failure: Callable[[KafkaError], None] | None = None,
     ) -> None:
-        """Encode ``record`` with the topic's schema and queue it; EncodeError if it does not fit."""
+        """Encode ``record`` with the topic's schema and queue it; EncodeError if it does not fit.
+
+        ``on_failure`` is called with the error if the broker refuses the record (its delivery
+        report comes later, from a later send or a flush); a record librdkafka refuses at once
+        (larger than ``message.max.bytes``) raises KafkaException here."""
         # Per-record work is on the feature processor's hot path: the topic's spec and physical
         # name are looked up once per topic, and the header list is built directly when no
         # extra headers are given.
@@ -99,7 +116,11 @@ class EventProducer:
         else:
             header_list = [("event_type", spec.event_type), ("trace_id", _trace_id())]
         self.send_raw(
-            name, value, key=(key if key is not None else spec.key(record)).encode(), headers=header_list
+            name,
+            value,
+            key=(key if key is not None else spec.key(record)).encode(),
+            headers=header_list,
+            on_failure=on_failure,
         )
 
     def send_raw(
@@ -110,13 +131,15 @@ class EventProducer:
         key: bytes | None = None,
         headers: list[tuple[str, str | bytes | None]] | None = None,
         partition: int | None = None,
+        on_failure: Callable[[KafkaError], None] | None = None,
     ) -> None:
         """Queue already-encoded bytes to a physical topic (restores, dead letters, tests)."""
         target = -1 if partition is None else partition  # -1: librdkafka's partitioner decides
+        report = self._on_delivery if on_failure is None else partial(self._on_delivery_to, on_failure)
         while True:
             try:
                 self._producer.produce(
-                    topic_name, value, key, partition=target, headers=headers, on_delivery=self._on_delivery
+                    topic_name, value, key, partition=target, headers=headers, on_delivery=report
                 )
                 break
             except BufferError:  # local queue full: serve delivery reports, then retry

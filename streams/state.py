@@ -73,7 +73,14 @@ class CompactedState:
                         log.info("state of %s caught up: %d keys", self.topic, len(self._values))
                         self._caught_up.set()
         except BaseException as exc:  # surfaced to callers of wait/get, never lost in the thread
-            log.exception("state reader of %s failed", self.topic)
+            if not self._caught_up.is_set():
+                # Whoever waits for the catch-up raises it with its message: a log line would say
+                # it twice (a CLI command's error would no longer be one line).
+                log.debug("state reader of %s failed before catching up", self.topic, exc_info=True)
+            elif isinstance(exc, HeadwaterError):
+                log.error("state reader of %s failed: %s", self.topic, exc)
+            else:
+                log.exception("state reader of %s failed", self.topic)
             self._error = exc
             self._caught_up.set()
 

@@ -115,4 +115,9 @@ class TopicCatalog:
                 if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                     continue
                 raise HeadwaterError(f"could not create topic {name}: {err}") from exc
+            except TimeoutError as exc:
+                raise HeadwaterError(
+                    f"could not create topic {name}: no answer from Kafka within {timeout_s:.0f}s; "
+                    "is the broker up? (`headwater status`)"
+                ) from exc
         return created

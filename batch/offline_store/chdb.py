@@ -45,6 +45,7 @@ from batch.offline_store.base import OfflineStore, QueryError, table_name, topic
 from headwater.errors import ConfigError
 from headwater.settings import Settings
 from processors.lake.columns import EventColumns, event_columns
+from processors.lake.integrity import LakeWatch
 from streams.catalog import SchemaCatalog
 from streams.topics import TOPICS
 
@@ -108,7 +109,9 @@ class ChdbOfflineStore(OfflineStore):
         _keep_engine(Session)
         self._session: Any = Session(":memory:")  # type: ignore[no-untyped-call]
         self._closed = False
-        self._unmade = {table: re.compile(rf"\b{table}\b") for table in self._columns}  # views
+        self._named = {table: re.compile(rf"\b{table}\b") for table in self._columns}
+        self._unmade = dict(self._named)  # views not made yet
+        self._watch = LakeWatch(self.lake)  # warns when a query's files change under it
         self._views_lock = threading.Lock()  # sessions are thread-safe; so is making views
         setup = [f"CREATE DATABASE IF NOT EXISTS {self.database}", f"USE {self.database}"]
         setup += [f"SET {name} = {value}" for name, value in _SESSION_SETTINGS.items()]
@@ -137,9 +140,18 @@ class ChdbOfflineStore(OfflineStore):
             head = " ".join(sql.split())[:200]
             raise QueryError(f"{exc}\n  in query: {head}") from exc
 
+    def _topics(self, sql: str) -> list[str]:
+        """The topics whose files ``sql`` reads: through a view, or a relation() it embeds."""
+        return [
+            topic_of_table(t).logical
+            for t, name in self._named.items()
+            if name.search(sql) or f"{self.lake}/{topic_of_table(t).logical}/" in sql
+        ]
+
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
         self._make_views(sql)
-        result = self._run(sql, "Arrow", params)
+        with self._watch.reading(self._topics(sql)):
+            result = self._run(sql, "Arrow", params)
         if result is None or not result.size():
             return pa.table({})  # statements without a result
         # Zero copy, and safe: chdb reuses a result's memory once the result object is gone, so
@@ -151,7 +163,8 @@ class ChdbOfflineStore(OfflineStore):
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
         self._make_views(sql)
-        self._run(sql, "CSV", params)
+        with self._watch.reading(self._topics(sql)):
+            self._run(sql, "CSV", params)
 
     # -- tables -------------------------------------------------------------------------
     def tables(self) -> list[str]:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from batch.offline_store.base import OfflineStore, QueryError, render_params, table_name, topic_of_table
 from headwater.errors import ConfigError
-from headwater.settings import Settings
+from headwater.settings import Settings, redact_url
 from processors.lake.columns import EventColumns, event_columns
 from processors.lake.writer import TopicLake
 from streams.catalog import SchemaCatalog
@@ -141,7 +141,7 @@ class ClickHouseOfflineStore(OfflineStore):
         try:
             self._client.execute("SELECT 1")
         except Exception as exc:
-            raise ConfigError(f"cannot reach the ClickHouse server at {url}: {exc}") from exc
+            raise ConfigError(f"cannot reach the ClickHouse server at {redact_url(url)}: {exc}") from exc
         self._create_tables()
 
     # -- SQL ----------------------------------------------------------------------------

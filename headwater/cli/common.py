@@ -16,7 +16,7 @@ from streams.catalog import SchemaCatalog
 from streams.kafka import client_config
 from streams.serde import Serde
 
-__all__ = ["admin_client", "console", "serde_for", "settings_of", "step", "to_json"]
+__all__ = ["admin_client", "console", "require_data_dir", "serde_for", "settings_of", "step", "to_json"]
 
 # Tables, progress and status go to stdout through rich; machine-readable output (tail's
 # JSON lines) bypasses rich so that it never wraps or colours.
@@ -30,6 +30,25 @@ def settings_of(ctx: typer.Context) -> Settings:
         raise HeadwaterError(
             "internal: the CLI was invoked without settings; use the `headwater` entry point"
         )
+    return settings
+
+
+def require_data_dir(settings: Settings) -> Settings:
+    """For commands that read what a stack wrote (the lake, the online store): a data directory
+    that does not exist is a mistaken --data-dir, not an empty platform."""
+    where = settings.data_dir
+    if not where.exists():
+        raise HeadwaterError(
+            f"data directory {where} does not exist: pass the --data-dir of a Headwater stack "
+            "(where `headwater up` ran; default .headwater)"
+        )
+    if not where.is_dir():
+        raise HeadwaterError(
+            f"data directory {where} is not a directory: pass a Headwater stack's --data-dir"
+        )
+    lake = settings.offline_store.lake_dir
+    if settings.offline_store.type == "chdb" and lake is not None and not lake.is_dir():
+        raise HeadwaterError(f"offline_store.lake_dir {lake} does not exist: set it to the lake's directory")
     return settings
 
 

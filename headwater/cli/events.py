@@ -6,26 +6,33 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import IO, Annotated, Any
 
 import typer
+from confluent_kafka import KafkaError, KafkaException
 
 from headwater.cli.common import console, serde_for, settings_of, to_json
 from headwater.errors import HeadwaterError
+from headwater.settings import Settings
 from streams.consumer import Event, EventConsumer
 from streams.producer import EventProducer
 from streams.serde import EncodeError
 from streams.topics import TopicCatalog
 
-__all__ = ["event_json", "register", "validate_line"]
+__all__ = ["decode_line", "event_json", "register", "validate_line"]
 
 log = logging.getLogger(__name__)
 
 # Without --follow, tail gives up when the topic's end is not reached for this long.
 _TAIL_IDLE_TIMEOUT_S = 30.0
+# How long publish waits for the broker to acknowledge what it sent.
+_FLUSH_TIMEOUT_S = 30.0
+# librdkafka's default message.max.bytes, the limit when kafka_client does not set one.
+_LIBRDKAFKA_MESSAGE_MAX_BYTES = 1_000_000
 
 
 class InvalidLineError(ValueError):
@@ -50,12 +57,34 @@ def validate_line(line: str, fields: set[str]) -> dict[str, Any]:
 
 
 @contextmanager
-def _open_lines(path: Path) -> Iterator[IO[str]]:
+def _open_lines(path: Path) -> Iterator[IO[bytes]]:
+    # Bytes, decoded line by line: one line that is not UTF-8 is reported, not fatal to the rest.
     if str(path) == "-":
-        yield sys.stdin
+        yield sys.stdin.buffer
         return
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         yield f
+
+
+def decode_line(raw: bytes) -> str:
+    """One line as text; InvalidLineError naming the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidLineError(
+            f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at column {exc.start + 1}"
+        ) from exc
+
+
+def _too_large(exc: KafkaException, settings: Settings) -> str:
+    err = exc.args[0] if exc.args else None
+    if isinstance(err, KafkaError) and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+        limit = settings.kafka_client.get("message.max.bytes", _LIBRDKAFKA_MESSAGE_MAX_BYTES)
+        return (
+            f"the event (with its key) is larger than the message limit of {limit} bytes "
+            "(kafka_client message.max.bytes, and the topic's max.message.bytes on the broker)"
+        )
+    return f"Kafka refused it: {err if err is not None else exc}"
 
 
 def publish(
@@ -76,32 +105,48 @@ def publish(
 ) -> None:
     """Validate JSON lines against the topic's event schema and produce the valid ones.
 
-    Invalid lines are reported on stderr with their line number; the exit code is 1 if any was.
+    Invalid lines (not UTF-8, not JSON, not the schema, over the message limit, refused by the
+    broker) are reported on stderr as FILE:LINE: reason; the exit code is 1 if any was.
     """
     settings = settings_of(ctx)
     spec = TopicCatalog(settings).spec(topic)  # unknown topic: NotFoundError listing the known ones
     serde = serde_for(settings)
     fields = {f["name"] for f in serde.writer_schema(spec.event_type).raw["fields"]}
-    published = invalid = 0
+    sent = invalid = 0
+
+    def report(lineno: int, reason: str) -> None:
+        nonlocal invalid
+        invalid += 1
+        typer.echo(f"{file}:{lineno}: {' '.join(reason.split())}", err=True)  # one line each
+
     with (
         _open_lines(file) as lines,
         EventProducer(settings, serde, client_id="headwater-publish") as producer,
     ):
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
+        for lineno, raw in enumerate(lines, start=1):
+            if not raw.strip():
                 continue
             try:
-                producer.send(spec.logical, validate_line(line, fields))
+                record = validate_line(decode_line(raw), fields)
+                # The broker's refusal comes later, in a delivery report: it names the line too.
+                producer.send(spec.logical, record, on_failure=partial(_refused, report, lineno))
             except (InvalidLineError, EncodeError) as exc:
                 reason = str(exc)
             except KeyError as exc:  # the record key is derived from a field the line left to its default
                 reason = f"field {exc} is needed for the record key"
+            except KafkaException as exc:  # refused by librdkafka before sending: too large
+                reason = _too_large(exc, settings)
             else:
-                published += 1
+                sent += 1
                 continue
-            invalid += 1
-            typer.echo(f"{file}:{lineno}: {' '.join(reason.split())}", err=True)  # one line each
-        producer.flush()
+            report(lineno, reason)
+        remaining = producer.settle(_FLUSH_TIMEOUT_S)
+    if remaining:
+        raise HeadwaterError(
+            f"{remaining} of {sent} events not delivered within {_FLUSH_TIMEOUT_S:.0f}s: is the broker up? "
+            "(`headwater status`)"
+        )
+    published = producer.delivered
     name = TopicCatalog(settings).name(spec.logical)
     console.print(
         f"{published} event{'s' * (published != 1)} published to {name}, "
@@ -109,6 +154,13 @@ def publish(
     )
     if invalid:
         raise typer.Exit(1)
+
+
+def _refused(report: Callable[[int, str], None], lineno: int, err: KafkaError) -> None:
+    if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+        report(lineno, f"the broker refused the event as larger than its message limit ({err.str()})")
+    else:
+        report(lineno, f"the broker refused the event: {err.str()}")
 
 
 def event_json(event: Event, *, meta: bool) -> str:
@@ -142,11 +194,21 @@ def tail(
         bool, typer.Option("--meta", help="Wrap each record with partition, offset, key, headers.")
     ] = False,
 ) -> None:
-    """Print the topic's events as JSON lines (bytes as base64); stops when caught up unless --follow."""
+    """Print the topic's events as JSON lines (bytes as base64); stops when caught up unless --follow.
+
+    A reader: records it cannot decode are skipped with a warning, never dead-lettered.
+    """
     settings = settings_of(ctx)
     spec = TopicCatalog(settings).spec(topic)
     printed = 0
     idle_since = time.monotonic()
+    started_ms = int(time.time() * 1000)
+    # --latest: Kafka's "end" offset is looked up when a partition is first fetched, and the
+    # embedded broker places it too early (at the base of the last batch: its ListOffsets answer
+    # is wrong after batched produces), so records older than this command would show. Until a
+    # partition has reached its end once, its records produced before the start are skipped.
+    settled: set[int] = set()
+    announced = False
     with EventConsumer(
         settings,
         serde_for(settings),
@@ -158,13 +220,21 @@ def tail(
         while True:
             events = consumer.poll(max_records=500, timeout_s=0.5)
             for event in events:
+                if not from_beginning and event.partition not in settled and event.timestamp_ms < started_ms:
+                    continue
                 sys.stdout.write(event_json(event, meta=meta) + "\n")
                 printed += 1
                 if limit is not None and printed >= limit:
                     sys.stdout.flush()
                     return
             sys.stdout.flush()
+            if not from_beginning:
+                settled |= {p for t, p in consumer.assignment() if consumer.at_end(t, p)}
             if follow:
+                if not announced and consumer.caught_up():
+                    # On stderr, so stdout stays records only: from here on, every new event shows.
+                    typer.echo(f"following {spec.logical} (caught up; Ctrl-C to stop)", err=True)
+                    announced = True
                 continue
             if consumer.caught_up():
                 break

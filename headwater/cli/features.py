@@ -26,7 +26,7 @@ from batch.offline_store import OfflineStore, open_offline_store
 from features.definitions import Aggregation, Feature, FeatureSet, Ratio
 from features.predicates import sql_identifier, sql_literal
 from features.windows import format_duration
-from headwater.cli.common import console, settings_of
+from headwater.cli.common import console, require_data_dir, settings_of
 from headwater.errors import ConfigError
 from processors.worker import load_repository
 
@@ -177,7 +177,7 @@ def list_(
     settings = settings_of(ctx)
     sets = load_repository(settings).feature_sets
     now = time.time_ns() // 1_000_000
-    with open_offline_store(settings) as store:
+    with open_offline_store(require_data_dir(settings)) as store:
         store.refresh()
         stats = _set_stats(store, sets)
     rows = []
@@ -217,7 +217,7 @@ def describe(
     settings = settings_of(ctx)
     fs = load_repository(settings).feature_set(name)  # NotFoundError lists the known ones
     now = time.time_ns() // 1_000_000
-    with open_offline_store(settings) as store:
+    with open_offline_store(require_data_dir(settings)) as store:
         store.refresh()
         totals = _set_stats(store, [fs]).get(fs.name, {})
         per_feature = _feature_stats(store, fs)

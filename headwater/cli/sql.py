@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 
 from batch.offline_store import open_offline_store
-from headwater.cli.common import console, settings_of, to_json
+from headwater.cli.common import console, require_data_dir, settings_of, to_json
 
 __all__ = ["OutputFormat", "register", "sql"]
 
@@ -78,7 +78,7 @@ def sql(
     ] = OutputFormat.table,
 ) -> None:
     """Run ClickHouse SQL on the offline store (the lake, or a ClickHouse server) and print the result."""
-    with open_offline_store(settings_of(ctx)) as store:
+    with open_offline_store(require_data_dir(settings_of(ctx))) as store:
         store.refresh()
         print_result(store.query(query), format)
 

@@ -1,10 +1,13 @@
 """The lake sink's storage: every topic archived as Parquet, partitioned by date.
 
-Layout and idempotence: :mod:`processors.lake.layout`; columns: :mod:`processors.lake.columns`.
+Layout and idempotence: :mod:`processors.lake.layout`; columns: :mod:`processors.lake.columns`;
+what the lake should hold, and checks against it: :mod:`processors.lake.manifest`,
+:mod:`processors.lake.integrity`.
 The Kafka edge (consume, :meth:`LakeWriter.write`, then commit) lives with the processors.
 """
 
 from processors.lake.columns import META_COLUMNS, EventColumns, event_columns
+from processors.lake.integrity import LakeWatch, check_lake
 from processors.lake.layout import FileName, FilePlan, LakeRow, plan_files
 from processors.lake.reader import LakeReader, LakeRecord
 from processors.lake.writer import LakeWriter, TopicLake
@@ -17,8 +20,10 @@ __all__ = [
     "LakeReader",
     "LakeRecord",
     "LakeRow",
+    "LakeWatch",
     "LakeWriter",
     "TopicLake",
+    "check_lake",
     "event_columns",
     "plan_files",
 ]

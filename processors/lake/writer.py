@@ -34,10 +34,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from headwater.errors import HeadwaterError
-from headwater.files import atomic_write, fsync_dir
+from headwater.files import atomic_write
 from headwater.settings import Settings
 from processors.lake.columns import EventColumns, event_columns, feature_value_columns
 from processors.lake.layout import DATE_PREFIX, FileName, FilePlan, LakeRow, plan_files, superseded
+from processors.lake.manifest import record_added, remove_lake_file
 from streams.catalog import SchemaCatalog
 from streams.topics import TOPICS, TopicSpec
 
@@ -229,8 +230,7 @@ class LakeWriter:
             for f in old:
                 for path in existing[f]:
                     if path not in new_paths:
-                        path.unlink(missing_ok=True)
-                        fsync_dir(path.parent)
+                        remove_lake_file(path)
                         log.info(
                             "superseded %s (partition %d, offsets %d-%d)", path, f.partition, f.first, f.last
                         )
@@ -309,9 +309,12 @@ class LakeWriter:
 
 
 def write_parquet(directory: Path, name: FileName, table: pa.Table) -> Path:
-    """Write a lake file durably: temporary name, fsync, rename into place, fsync the folder."""
+    """Write a lake file durably: temporary name, fsync, rename into place, fsync the folder; then
+    record it in the topic's manifest (:mod:`processors.lake.manifest`)."""
     # Dictionaries help strings and map keys; for floats they only slow reading down.
     dictionary = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
-    return atomic_write(
+    path = atomic_write(
         directory / name.name, lambda fh: pq.write_table(table, fh, use_dictionary=dictionary)
     )
+    record_added(path, table.num_rows)
+    return path

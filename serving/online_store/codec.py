@@ -55,6 +55,8 @@ __all__ = [
     "Buffer",
     "PreparedRow",
     "RecordCodec",
+    "check_record",
+    "check_schema",
     "check_tiles",
     "event_time_of",
     "ttl_ms_of",
@@ -121,6 +123,52 @@ def ttl_ms_of(ttl_s: float | None) -> int:
 def write_time_of(write_time_ms: int | None) -> int:
     """A put's ``write_time_ms``, defaulting to now."""
     return epoch_ms() if write_time_ms is None else operator.index(write_time_ms)
+
+
+def check_schema(schema_id: int, encoded: Buffer) -> str | None:
+    """Why a stored schema is not one a write stored (None: it is): names that decode, and an id
+    that is their hash. An integrity check (``headwater doctor``), not the read path."""
+    try:
+        names = _unpackb(bytes(encoded))
+    except Exception as exc:  # garbage fails msgpack in more ways than it documents
+        return f"schema {schema_id}: its names do not decode ({exc})"
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return f"schema {schema_id}: not a list of feature names"
+    actual = int.from_bytes(hashlib.blake2b(bytes(encoded), digest_size=8).digest(), "big", signed=True)
+    if actual != schema_id:
+        return f"schema {schema_id}: its names hash to {actual}, another id"
+    return None
+
+
+def check_record(record: Buffer, load_schema: SchemaLoader) -> str | None:
+    """Why a stored record is not one a write stored (None: it is): a header of plausible times
+    naming a schema the store holds, and as many scalar values as that schema has names, all
+    decoded. An integrity check (``headwater doctor``), not the read path."""
+    if len(record) < HEADER.size:
+        return f"{len(record)} bytes, shorter than the {HEADER.size}-byte header"
+    event_time, write_time, expires_at, schema_id, valid_until, end = _unpack_header(record)
+    if not 0 <= event_time <= MAX_EVENT_TIME_MS:
+        return f"event time {event_time} is not an epoch-ms time"
+    if write_time < 0 or expires_at < 0 or (expires_at and expires_at < event_time):
+        return f"write time {write_time} and expiry {expires_at} do not go with event time {event_time}"
+    if not HEADER.size <= end <= len(record) or (valid_until and valid_until <= event_time):
+        return f"values end {end} and valid-until {valid_until} do not fit a record of {len(record)} bytes"
+    encoded = load_schema(schema_id)
+    if encoded is None:
+        return f"names schema {schema_id}, which the store does not hold"
+    try:
+        names = _unpackb(bytes(encoded))
+        values = _unpackb(bytes(record[HEADER.size : end]))
+        tiles = _unpackb(bytes(record[end:])) if valid_until else None
+    except Exception as exc:  # garbage fails msgpack in more ways than it documents
+        return f"values or tiles do not decode ({exc})"
+    if valid_until and not (isinstance(tiles, list) and len(tiles) == 4 and isinstance(tiles[0], int)):
+        return "tiles that are not an update's tiles"
+    if not isinstance(values, list) or len(values) != len(names):
+        return f"{len(values) if isinstance(values, list) else 'no'} values for {len(names)} feature names"
+    if not _SCALAR_TYPES.issuperset(map(type, values)):
+        return "values that are not scalars"
+    return None
 
 
 class RecordCodec:

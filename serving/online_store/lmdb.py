@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import lmdb
 
+from headwater.integrity import CheckReport
 from serving.online_store.base import (
     FeatureRow,
     FeatureValues,
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
     from serving.online_store.cells import I64
 
-__all__ = ["LmdbOnlineStore"]
+__all__ = ["MAX_READERS", "SCHEMA_PREFIX", "LmdbOnlineStore", "schema_key"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ Getter = Callable[[Any], Any]  # a read transaction's get, or the schema lookup
 # environment; serving replicas with thread pools need more than LMDB's default 126.
 MAX_READERS = 1024
 MAX_KEY_BYTES = 511  # LMDB's compile-time key limit
-_SCHEMA_PREFIX = b"#schema\0"
+SCHEMA_PREFIX = b"#schema\0"
 
 # LMDB must not be opened twice in one process (closing either handle drops the other's
 # POSIX locks), and a handle must not cross fork. Hence one shared handle per (pid, path).
@@ -136,7 +137,7 @@ class LmdbOnlineStore(OnlineStore):
         try:
             with env.begin(write=True) as txn:
                 for schema_id, names in schemas.items():
-                    txn.put(_schema_key(schema_id), names, overwrite=False)
+                    txn.put(schema_key(schema_id), names, overwrite=False)
                 for row in prepared:
                     key = prefix + row.entity_key.encode()
                     if len(key) > MAX_KEY_BYTES:
@@ -195,7 +196,7 @@ class LmdbOnlineStore(OnlineStore):
         try:
             with env.begin(write=True) as txn:
                 for schema_id, names in batch.schemas.items():
-                    txn.put(_schema_key(schema_id), names, overwrite=False)
+                    txn.put(schema_key(schema_id), names, overwrite=False)
                 cursor = txn.cursor()
                 # Newer-wins inside the write transaction, as put_batch. Where the store holds no
                 # key of this feature set there is nothing to compare, and when no key follows
@@ -271,13 +272,28 @@ class LmdbOnlineStore(OnlineStore):
             # while the transaction is open.
             with env.begin(buffers=True) as txn:
                 get = txn.get
-                return decode(get, prefix, lambda schema_id: get(_schema_key(schema_id)))
+                return decode(get, prefix, lambda schema_id: get(schema_key(schema_id)))
         except lmdb.BadValsizeError as exc:
             raise OnlineStoreError(
                 f"{feature_set}: an entity key is longer than LMDB's {MAX_KEY_BYTES}-byte limit"
             ) from exc
         except lmdb.Error as exc:
             raise OnlineStoreError(f"LMDB read from {self.path} failed: {exc}") from exc
+
+    def check(self) -> CheckReport:
+        """Every record read and decoded, in a child process (see :mod:`serving.online_store.lmdb_verify`)."""
+        from serving.online_store.lmdb_verify import check_online_item, verify_lmdb
+
+        report = CheckReport(
+            f"online store (LMDB at {self.path})",
+            advice="records past a damaged page cannot be read: move the store aside and rebuild it "
+            "from the lake (`headwater materialize <feature set> --start ... --end ...`)",
+        )
+        records, problems = verify_lmdb(self.path, check_online_item)
+        report.checked = f"{records:,} records read and decoded"
+        for where, problem in problems:
+            report.error(where, problem)
+        return report
 
     def close(self) -> None:
         if self._env is not None:
@@ -314,5 +330,5 @@ def _put_sorted(cursor: lmdb.Cursor, keys: list[bytes], records: list[bytes], *,
     return len(keys)
 
 
-def _schema_key(schema_id: int) -> bytes:
-    return _SCHEMA_PREFIX + schema_id.to_bytes(8, "big", signed=True)
+def schema_key(schema_id: int) -> bytes:
+    return SCHEMA_PREFIX + schema_id.to_bytes(8, "big", signed=True)

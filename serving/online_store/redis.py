@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from headwater.settings import redact_url
 from serving.online_store.base import (
     FeatureRow,
     FeatureValues,
@@ -69,7 +70,7 @@ class RedisOnlineStore(OnlineStore):
         try:
             self._client: redis.Redis[bytes] = redis.Redis.from_url(url)
         except ValueError as exc:
-            raise OnlineStoreError(f"invalid online_store.redis_url {url!r}: {exc}") from exc
+            raise OnlineStoreError(f"invalid online_store.redis_url {redact_url(url)!r}: {exc}") from exc
         kwargs = self._client.connection_pool.connection_kwargs
         # Named by host, port and db only: the URL may carry a password.
         self._where = f"redis at {kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"

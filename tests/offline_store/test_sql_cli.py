@@ -52,6 +52,7 @@ def test_sql_prints_a_table_csv_and_json_lines(lake_settings: Settings, writer: 
 
 
 def test_sql_error_is_a_headwater_error(lake_settings: Settings) -> None:
+    lake_settings.data_dir.mkdir(parents=True)  # a stack's data dir (`sql` refuses one that does not exist)
     result = CliRunner().invoke(_app(), ["sql", "SELECT * FROM nowhere"], obj=lake_settings)
     assert result.exit_code != 0
     assert "nowhere" in str(result.exception)

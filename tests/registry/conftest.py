@@ -65,9 +65,11 @@ def score(registry: Registry, mv: ModelVersion, holdout: pd.DataFrame) -> float:
 
 
 def evaluator(registry: Registry):  # type: ignore[no-untyped-def]
-    """(candidate, incumbent) -> roc_auc of each on the candidate's holdout, as holdout_evaluator does."""
+    """(candidate, incumbent, metric) -> roc_auc of each on the candidate's holdout, as
+    holdout_evaluator does (the models here report roc_auc only)."""
 
-    def evaluate(candidate: ModelVersion, incumbent: ModelVersion) -> tuple[float, float]:
+    def evaluate(candidate: ModelVersion, incumbent: ModelVersion, metric: str) -> tuple[float, float]:
+        assert metric == "roc_auc", f"the gate asked for {metric}; these models report roc_auc only"
         holdout = load_holdout(registry, candidate)
         return score(registry, candidate, holdout), score(registry, incumbent, holdout)
 

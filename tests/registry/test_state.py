@@ -137,7 +137,7 @@ def test_shadow_keys_do_not_collide_with_alias_keys() -> None:
 
 
 def decide(policy: Policy, cand: float, inc: float | None, last: int | None = None, now: int = 10_000_000):  # type: ignore[no-untyped-def]
-    scores = None if inc is None else (lambda: (cand, inc))
+    scores = None if inc is None else (lambda _metric: (cand, inc))
     return check_promotion(policy, target="ctr@production", last_move_ms=last, now_ms=now, scores=scores)
 
 
@@ -153,7 +153,7 @@ def test_gate_compares_in_the_metric_direction_with_margin() -> None:
 
 
 def test_gate_cooldown_is_checked_before_scoring() -> None:
-    def explode() -> tuple[float, float]:
+    def explode(_metric: str) -> tuple[float, float]:
         raise AssertionError("scored during a cooldown")
 
     policy = Policy("roc_auc", cooldown_s=3600)
