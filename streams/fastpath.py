@@ -12,17 +12,20 @@ field, branch and symbol resolved once (readable in ``.source``), and runs it.
 
 It is a fast path only, never a second implementation of Avro's rules: the generated code
 handles the plain case (exact Python types, ``dict`` records and maps, ``list`` arrays,
-values in range, well-formed bytes) and raises :class:`Fallback` on anything else, and
-:class:`streams.serde.Serde` then calls fastavro, so unusual input (a tuple-tagged union, an
-``int`` for a ``double``, truncated bytes) gets exactly fastavro's result or error. Where
+values in range, well-formed bytes holding one record and nothing after it) and raises
+:class:`Fallback` on anything else, and :class:`streams.serde.Serde` then calls fastavro (with
+the range checks of :mod:`streams.ranges`, which fastavro lacks), so unusual input (a
+tuple-tagged union, an ``int`` for a ``double``, truncated bytes) gets exactly fastavro's result
+or error. Where
 fastavro chooses between union branches (an ``int`` for ``["long", "double"]``, a ``float``
 for ``["float", "double"]``), the branch is taken from fastavro itself when the code is
 compiled, by encoding probe values. ``tests/test_serde_fastpath.py`` holds both directions to
 fastavro on every schema of the catalog with generated records and fuzzed bytes.
 
-Schemas with logical types, default-filled missing fields, schema resolution (reader schema
-differs from writer schema) or recursive types are not compiled (:func:`compile_encoder`
-returns None), and always go through fastavro.
+Schemas with logical types, schema resolution (reader schema differs from writer schema) or
+recursive types are not compiled (:func:`compile_encoder` returns None), and always go through
+fastavro. A record missing top-level fields that have defaults is filled with them by the serde
+before the fast path (what fastavro writes for it); a nested one goes to fastavro.
 """
 
 from __future__ import annotations
@@ -348,7 +351,10 @@ def _dec(g: _Gen, schema: Any, target: str, ind: int) -> None:  # noqa: PLR0915 
         g.emit(ind, "p += 1")
         g.emit(ind, f"if {c} > 1: raise Fallback")
         g.emit(ind, f"{target} = {c} == 1")
-    elif kind in ("int", "long"):
+    elif kind == "int":  # a varint like a long's: one beyond 32 bits is no int (Serde refuses it)
+        _dec_long(g, target, ind)
+        g.emit(ind, f"if not {_INT32[0]} <= {target} <= {_INT32[1]}: raise Fallback")
+    elif kind == "long":
         _dec_long(g, target, ind)
     elif kind in ("float", "double"):
         size = 4 if kind == "float" else 8
@@ -422,14 +428,19 @@ def compile_decoder(schema: Any) -> Decoder | None:
     """A function ``(bytes, start) -> record`` for a parsed record schema read as itself, or None.
 
     The function raises :class:`Fallback` (or another exception: truncated bytes, bad UTF-8) for
-    bytes outside the plain case; the records it returns equal fastavro's ``schemaless_reader``'s.
+    bytes outside the plain case, which includes an ``int`` beyond 32 bits and bytes left after
+    the record; the records it returns equal fastavro's ``schemaless_reader``'s.
     """
     g = _Gen()
     try:
         _dec(g, schema, "r", 1)
     except _Unsupported:
         return None
-    source = "def decode(b, p):\n    end = len(b)\n" + "\n".join(g.lines) + "\n    return r\n"
+    # Bytes after the body are not one event (Serde refuses them): not the plain case.
+    source = (
+        "def decode(b, p):\n    end = len(b)\n" + "\n".join(g.lines) + "\n    if p != end: raise Fallback\n"
+        "    return r\n"
+    )
     namespace: dict[str, Any] = {
         "Fallback": Fallback,
         "_read_varint": _read_varint,
