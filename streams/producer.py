@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -64,12 +64,17 @@ class EventProducer:
         self._producer = Producer(conf)
         self._routes: dict[str, tuple[TopicSpec, str]] = {}  # logical topic -> (spec, physical name)
         self.delivered = 0
+        # Next offset after the last record delivered, per (physical topic, partition): how far a
+        # reader of this producer's output must get to have seen all of it.
+        self.produced: dict[tuple[str | None, int | None], int] = {}
         self.failed = 0
         self.last_error: KafkaError | None = None
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:
             self.delivered += 1
+            # Offsets grow per partition in delivery order (idempotent producer): the last is the highest.
+            self.produced[(msg.topic(), msg.partition())] = msg.offset() + 1  # type: ignore[operator]
             return
         self.failed += 1
         self.last_error = err
@@ -82,8 +87,12 @@ class EventProducer:
         *,
         key: str | None = None,
         headers: dict[str, str] | None = None,
+        on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
     ) -> None:
-        """Encode ``record`` with the topic's schema and queue it; EncodeError if it does not fit."""
+        """Encode ``record`` with the topic's schema and queue it; EncodeError if it does not fit.
+
+        ``on_delivery``, when given, takes this record's delivery report instead of the
+        producer's own (which counts failures that make :meth:`flush` raise)."""
         # Per-record work is on the feature processor's hot path: the topic's spec and physical
         # name are looked up once per topic, and the header list is built directly when no
         # extra headers are given.
@@ -99,8 +108,24 @@ class EventProducer:
         else:
             header_list = [("event_type", spec.event_type), ("trace_id", _trace_id())]
         self.send_raw(
-            name, value, key=(key if key is not None else spec.key(record)).encode(), headers=header_list
+            name,
+            value,
+            key=(key if key is not None else spec.key(record)).encode(),
+            headers=header_list,
+            on_delivery=on_delivery,
         )
+
+    def _reporting_to(
+        self, on_delivery: Callable[[KafkaError | None, Message], None]
+    ) -> Callable[[KafkaError | None, Message], None]:
+        """A delivery report for ``on_delivery`` that still counts a success as the producer's own."""
+
+        def report(err: KafkaError | None, msg: Message) -> None:
+            if err is None:
+                self._on_delivery(None, msg)
+            on_delivery(err, msg)
+
+        return report
 
     def send_raw(
         self,
@@ -110,13 +135,15 @@ class EventProducer:
         key: bytes | None = None,
         headers: list[tuple[str, str | bytes | None]] | None = None,
         partition: int | None = None,
+        on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
     ) -> None:
         """Queue already-encoded bytes to a physical topic (restores, dead letters, tests)."""
         target = -1 if partition is None else partition  # -1: librdkafka's partitioner decides
+        report = self._on_delivery if on_delivery is None else self._reporting_to(on_delivery)
         while True:
             try:
                 self._producer.produce(
-                    topic_name, value, key, partition=target, headers=headers, on_delivery=self._on_delivery
+                    topic_name, value, key, partition=target, headers=headers, on_delivery=report
                 )
                 break
             except BufferError:  # local queue full: serve delivery reports, then retry

@@ -68,8 +68,10 @@ from headwater.settings import Settings
 from processors.faust.consumer import PositionedConsumer, Records, faust_app
 from processors.runtime import Processor, _Aligner, _LongLivedObjects
 from processors.state_store import Position, StateStore
-from streams.consumer import Event, EventConsumer, dead_letter_record
+from streams.consumer import Event, EventConsumer
 from streams.consumer import _event as _new_event
+from streams.dead_letters import DeadLetters, oversized
+from streams.kafka import message_limit
 from streams.producer import EventProducer
 from streams.serde import DecodeError, Serde
 from streams.topics import TopicCatalog
@@ -115,6 +117,8 @@ class FaustHost:
         self._positions = self.state.positions()
         self._durable = dict(self._positions)  # what the state store holds: Faust commits these
         self.producer = EventProducer(settings, serde, client_id=processor.name)
+        self.message_limit = message_limit(settings)
+        self.letters = DeadLetters(self.producer, processor.name, self.message_limit)
         self._pending: dict[Position, int] = {}  # next offset per partition of everything received
         self._uncommitted: dict[Position, int] = {}
         # The runtime's aligner asks a consumer for its assignment, partition ends and pending
@@ -198,7 +202,7 @@ class FaustHost:
     def _decode(self, records: Records) -> list[Event]:
         events: list[Event] = []
         append, pending, specs, decode = events.append, self._pending, self._specs, self.serde.decode
-        new_event = _new_event
+        new_event, limit = _new_event, self.message_limit
         for tp_records in records:
             last = tp_records[-1]
             spec = specs[last.topic]
@@ -207,6 +211,10 @@ class FaustHost:
                 value = rec.value
                 if value is None:
                     continue  # a tombstone: no processor here reads deletions (as the native consumer)
+                too_large = oversized(rec.key, value, rec.headers, limit)
+                if too_large is not None:
+                    self.dead_letter(_event(logical, event_type, rec, {}), too_large)
+                    continue
                 try:
                     _, record = decode(value, event_type)
                 except DecodeError as exc:
@@ -261,17 +269,12 @@ class FaustHost:
         self._uncommitted = {}
         self.batches += 1
 
-    def dead_letter(self, event: Event, error: Exception) -> None:
-        """What ``streams.consumer.EventConsumer.dead_letter`` sends, on our producer."""
-        topic = self.catalog.name(event.topic)
-        name = self.processor.name
-        log.warning("%s: dead-lettering %s [%d] @%d: %s", name, topic, event.partition, event.offset, error)
-        self.producer.send(
-            "dead-letters",
-            dead_letter_record(
-                topic, event.partition, event.offset, name, error, event.key, event.value, event.headers
-            ),
-        )
+    def dead_letter(self, event: Event, error: BaseException) -> None:
+        """What ``streams.consumer.EventConsumer.dead_letter`` does, on our producer."""
+        self.letters.send(
+            self.catalog.name(event.topic), event.partition, event.offset, error, event.key, event.value,
+            event.headers,
+        )  # fmt: skip
         self.dead_lettered += 1
 
     # --- lifecycle --------------------------------------------------------------------------------
