@@ -66,7 +66,7 @@ from faust.types import TP
 from headwater.errors import ConfigError, HeadwaterError
 from headwater.settings import Settings
 from processors.faust.consumer import PositionedConsumer, Records, faust_app
-from processors.runtime import Processor, _Aligner, _LongLivedObjects
+from processors.runtime import InputsDone, Processor, _Aligner, _LongLivedObjects, reached
 from processors.state_store import Position, StateStore
 from streams.consumer import Event, EventConsumer
 from streams.consumer import _event as _new_event
@@ -256,12 +256,12 @@ class FaustHost:
             if self._uncommitted and self.processor.should_flush(self._clock()):
                 self._commit(self._uncommitted)
         except BaseException as exc:  # stop handling: a later batch must not build on a failed one
-            log.exception("%s: batch failed", self.processor.name)
-            self.error = exc
+            self.error = exc  # raised by run(), whose caller reports it once
 
     def _commit(self, positions: dict[Position, int]) -> None:
         """Blocks the loop (a flush takes ms); Faust's consumer fetches and heartbeats on its own thread."""
-        self.processor.flush_effects()
+        for event, error in self.processor.flush_effects() or ():
+            self.dead_letter(event, error)
         self.producer.flush()  # outputs and dead letters acknowledged before the positions pass them
         self.state.commit(self.processor.state_changes(), positions)
         self._positions.update(positions)
@@ -277,21 +277,30 @@ class FaustHost:
         )  # fmt: skip
         self.dead_lettered += 1
 
+    @property
+    def dead_letters_lost(self) -> int:
+        return self.letters.lost
+
     # --- lifecycle --------------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event, *, until_caught_up: bool = False) -> None:
-        """Run the Faust app on a loop of this thread until ``stop`` (or, ``until_caught_up``, drained)."""
+    def run(
+        self, stop: threading.Event, *, until_caught_up: bool = False, inputs_done: InputsDone | None = None
+    ) -> None:
+        """Run the Faust app on a loop of this thread until ``stop`` (or, ``until_caught_up``, drained
+        once ``inputs_done`` says the processors writing to the inputs have finished and were read)."""
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(self._run(stop, until_caught_up))
+            loop.run_until_complete(self._run(stop, until_caught_up, inputs_done))
         finally:
             asyncio.set_event_loop(None)
             loop.close()
         if self.error is not None:
-            raise HeadwaterError(f"{self.processor.name} failed: {self.error}") from self.error
+            raise HeadwaterError(f"{type(self.error).__name__}: {self.error}") from self.error
 
-    async def _run(self, stop: threading.Event, until_caught_up: bool) -> None:
+    async def _run(
+        self, stop: threading.Event, until_caught_up: bool, inputs_done: InputsDone | None
+    ) -> None:
         app = self._app = faust_app(self.settings, self.processor.name, self)
         # Subscribed without an agent: the consumer hands fetched batches to ``step`` itself.
         app.topics.add(app.topic(*self._specs, key_serializer="raw", value_serializer="raw"))
@@ -309,7 +318,7 @@ class FaustHost:
                     self.error = HeadwaterError(
                         f"Faust stopped: {app.crash_reason or app.consumer.crash_reason}"
                     )
-                elif until_caught_up and self.caught_up():
+                elif until_caught_up and self.caught_up() and reached(inputs_done, self._positions):
                     break
                 elif until_caught_up and not self.assignment() and time.monotonic() > join_deadline:
                     self.error = HeadwaterError(
