@@ -45,6 +45,7 @@ MAX_ERROR_CHARS = 1000
 # Room left in a dead letter's message for its key (the source topic's name, at most 249 bytes),
 # its headers (event type and trace id) and librdkafka's per-record overhead.
 _ENVELOPE_BYTES = 1024
+_HEADER_OVERHEAD_BYTES = 4
 
 
 class OversizedRecordError(HeadwaterError):
@@ -66,7 +67,8 @@ def oversized(
         return None
     size += (len(key) if key is not None else 0) + RECORD_OVERHEAD_BYTES
     for name, header in headers.items() if isinstance(headers, Mapping) else headers or ():
-        size += len(name.encode()) + (len(header) if header is not None else 0)
+        # Each header's own lengths take a few bytes more (3 for a 500-byte header, measured).
+        size += len(name.encode()) + (len(header) if header is not None else 0) + _HEADER_OVERHEAD_BYTES
     if size <= limit:
         return None
     return OversizedRecordError(
