@@ -37,7 +37,7 @@ from typing import Any
 
 from fastavro import parse_schema, schemaless_writer
 
-__all__ = ["Decoder", "Encoder", "Fallback", "compile_decoder", "compile_encoder"]
+__all__ = ["Decoder", "Encoder", "Fallback", "compile_decoder", "compile_encoder", "type_name"]
 
 Encoder = Callable[[dict[str, Any]], bytes]
 Decoder = Callable[[bytes, int], dict[str, Any]]
@@ -105,7 +105,8 @@ def _read_length(b: bytes, p: int, first: int) -> tuple[int, int]:
     return n, p
 
 
-def _type_name(schema: Any) -> str:
+def type_name(schema: Any) -> str:
+    """The Avro type of a parsed schema: a primitive or named type's name, "union", or its ``type``."""
     if isinstance(schema, str):
         return schema
     if isinstance(schema, list):
@@ -204,7 +205,7 @@ def _enc(g: _Gen, schema: Any, v: str, ind: int, checked: bool = False) -> None:
     ``checked``: the caller (a union's dispatch) already tested the value's type and range.
     """
     schema = g.resolve(schema)
-    kind = _type_name(schema)
+    kind = type_name(schema)
     if kind == "null":
         g.emit(ind, f"if {v} is not None: raise Fallback")
     elif kind == "boolean":
@@ -273,7 +274,7 @@ def _enc(g: _Gen, schema: Any, v: str, ind: int, checked: bool = False) -> None:
 
 
 def _enc_union(g: _Gen, union: list[Any], v: str, ind: int) -> None:
-    branches = [_type_name(g.resolve(b)) for b in union]
+    branches = [type_name(g.resolve(b)) for b in union]
     if any(b not in _PRIMITIVES for b in branches):
         raise _Unsupported("unions of named or complex types")
     chosen: dict[str, int] = {}
@@ -322,7 +323,7 @@ def compile_encoder(schema: Any) -> Encoder | None:
         return None
     source = "def encode(r):\n    buf = bytearray()\n" + "\n".join(g.lines) + "\n    return bytes(buf)\n"
     namespace: dict[str, Any] = {"Fallback": Fallback, "_varint": _varint, **g.consts}
-    exec(compile(source, f"<avro encoder {_type_name(schema)} {schema.get('name', '')}>", "exec"), namespace)
+    exec(compile(source, f"<avro encoder {type_name(schema)} {schema.get('name', '')}>", "exec"), namespace)
     fn: Encoder = namespace["encode"]
     fn.source = source  # type: ignore[attr-defined]
     return fn
@@ -342,7 +343,7 @@ def _dec_long(g: _Gen, target: str, ind: int) -> None:
 def _dec(g: _Gen, schema: Any, target: str, ind: int) -> None:  # noqa: PLR0915 - a branch per Avro type
     """Emit code reading one value of ``schema`` at ``p`` of ``b`` into ``target``."""
     schema = g.resolve(schema)
-    kind = _type_name(schema)
+    kind = type_name(schema)
     if kind == "null":
         g.emit(ind, f"{target} = None")
     elif kind == "boolean":
@@ -447,7 +448,7 @@ def compile_decoder(schema: Any) -> Decoder | None:
         "_read_length": _read_length,
         **g.consts,
     }
-    exec(compile(source, f"<avro decoder {_type_name(schema)} {schema.get('name', '')}>", "exec"), namespace)
+    exec(compile(source, f"<avro decoder {type_name(schema)} {schema.get('name', '')}>", "exec"), namespace)
     fn: Decoder = namespace["decode"]
     fn.source = source  # type: ignore[attr-defined]
     return fn

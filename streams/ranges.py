@@ -37,6 +37,8 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from streams.fastpath import type_name
+
 __all__ = ["OutOfRange", "compile_check"]
 
 Check = Callable[[Any], None]
@@ -120,14 +122,6 @@ def _overflows_float32(x: float) -> bool:
     return False
 
 
-def _type_name(schema: Any) -> str:
-    if isinstance(schema, str):
-        return schema
-    if isinstance(schema, list):
-        return "union"
-    return str(schema["type"])
-
-
 class _Compiler:
     """Builds a check per (sub)schema, or None where nothing under it is a number."""
 
@@ -144,7 +138,7 @@ class _Compiler:
 
     def check(self, schema: Any) -> Check | None:
         schema = self.resolve(schema)
-        kind = _type_name(schema)
+        kind = type_name(schema)
         if kind in _INT_RANGES:
             return _integer_check(kind)
         if kind in ("float", "double"):
@@ -166,7 +160,7 @@ class _Compiler:
 
     def _union(self, union: list[Any]) -> Check | None:
         branches = [self.resolve(b) for b in union]
-        kinds = [_type_name(b) for b in branches]
+        kinds = [type_name(b) for b in branches]
         checks = [self.check(b) for b in branches]
         if all(c is None for c in checks):
             return None

@@ -78,10 +78,17 @@ class Serde:
             self._decoders[sv.fingerprint] = compile_decoder(sv.parsed) if self.fast_path else None
         return self._decoders[sv.fingerprint]
 
-    def _check(self, sv: SchemaVersion) -> Callable[[Any], None] | None:
+    def _out_of_range(self, sv: SchemaVersion, record: Any) -> str | None:
+        """Where and how ``record`` breaks the numeric rules of :mod:`streams.ranges`, or None."""
         if sv.fingerprint not in self._checks:
             self._checks[sv.fingerprint] = compile_check(sv.parsed)
-        return self._checks[sv.fingerprint]
+        check = self._checks[sv.fingerprint]
+        if check is not None:
+            try:
+                check(record)
+            except OutOfRange as exc:
+                return str(exc)
+        return None
 
     def _with_defaults(self, sv: SchemaVersion, record: Any) -> dict[str, Any] | None:
         """``record`` with its missing top-level fields set to their defaults, or None if none is
@@ -116,12 +123,9 @@ class Serde:
                         return MAGIC + sv.fingerprint + fast(filled)
                     except Exception:  # still not plain: fastavro decides below
                         pass
-        check = self._check(sv)
-        if check is not None:
-            try:
-                check(record)
-            except OutOfRange as exc:
-                raise EncodeError(f"{event_type} v{sv.version}: {exc}") from None
+        problem = self._out_of_range(sv, record)
+        if problem is not None:
+            raise EncodeError(f"{event_type} v{sv.version}: {problem}")
         buf = BytesIO()
         buf.write(MAGIC)
         buf.write(sv.fingerprint)
@@ -176,10 +180,7 @@ class Serde:
             )
         # Checked as read (in the reader's schema): a value that fits the type its consumers
         # see is harmless, e.g. an int field's 2**40 resolved to a long.
-        check = self._check(reader)
-        if check is not None:
-            try:
-                check(record)
-            except OutOfRange as exc:
-                raise DecodeError(f"corrupt {writer.event_type} v{writer.version} body: {exc}") from None
+        problem = self._out_of_range(reader, record)
+        if problem is not None:
+            raise DecodeError(f"corrupt {writer.event_type} v{writer.version} body: {problem}")
         return writer.event_type, record

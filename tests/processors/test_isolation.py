@@ -57,15 +57,13 @@ def lake_ids(settings: Settings, serde: Serde, topic: str) -> list[str]:
     return sorted(table["event_id"].to_pylist()) if len(table) else []
 
 
-def online_entities(settings: Settings, updates: list[dict[str, Any]]) -> dict[str, int]:
-    """How many entities of each feature set the online store holds, of those the updates name."""
-    counts = {}
+def assert_online_store_has_every_entity(settings: Settings, updates: list[dict[str, Any]]) -> None:
+    """Every entity the updates name is in the online store (none left behind by an early stop)."""
     with open_online_store(settings) as store:
         for fs in ("user_activity", "item_activity"):
             keys = sorted({u["entity_key"] for u in updates if u["feature_set"] == fs})
             rows = store.get_batch(fs, keys, ["impressions_7d"], now_ms=max(u["event_time"] for u in updates))
-            counts[fs] = sum(row.event_time_ms is not None for row in rows)
-    return counts
+            assert [key for key, row in zip(keys, rows, strict=True) if row.event_time_ms is None] == [], fs
 
 
 def statuses(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -87,11 +85,7 @@ def test_until_caught_up_runs_every_processor_in_dependency_order(
 
     updates = read_all(s, serde, "feature-updates")
     assert counts["online-store-writer"] == len(updates) >= 2 * 600  # an update per click and feature set
-    entities = {
-        fs: len({u["entity_key"] for u in updates if u["feature_set"] == fs})
-        for fs in online_entities(s, updates)
-    }
-    assert online_entities(s, updates) == entities  # every entity written, none left behind
+    assert_online_store_has_every_entity(s, updates)
     assert lake_ids(s, serde, "feature-updates") == sorted(u["event_id"] for u in updates)
     letters = read_all(s, serde, "dead-letters")
     from_features = sorted(
@@ -159,11 +153,7 @@ def test_a_failing_processor_does_not_stop_the_others(
         assert lake_ids(s, serde, "feature-updates") == sorted(u["event_id"] for u in updates)
         assert len(lake_ids(s, serde, "clicks")) == 400
     else:
-        entities = {
-            fs: len({u["entity_key"] for u in updates if u["feature_set"] == fs})
-            for fs in online_entities(s, updates)
-        }
-        assert online_entities(s, updates) == entities
+        assert_online_store_has_every_entity(s, updates)
 
 
 def run_cli(config: Path, *args: str, timeout_s: float = 180) -> subprocess.CompletedProcess[str]:

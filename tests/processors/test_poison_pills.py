@@ -18,10 +18,8 @@ import json
 import threading
 from collections import defaultdict
 from io import BytesIO
-from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
 from fastavro import parse_schema, schemaless_writer
 
@@ -34,6 +32,7 @@ from streams.serde import MAGIC, DecodeError, EncodeError, Serde
 from streams.topics import TopicCatalog
 from tests.processors.test_faust_engine import engine, read_all
 from tests.processors.test_feature_processors import clickstream  # noqa: F401 - a fixture
+from tests.processors.test_isolation import lake_ids, statuses
 from tests.waiting import wait_for
 
 # Window length -> tile size, as features/windows.py documents them (written out independently).
@@ -136,20 +135,8 @@ def brute_force(clicks: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str,
     return out
 
 
-def lake_event_ids(settings: Settings, topic: str) -> list[str]:
-    ids: list[str] = []
-    for path in sorted(Path(settings.lake_dir, topic).glob("date=*/*.parquet")):
-        ids += pq.read_table(path, columns=["event_id"]).column("event_id").to_pylist()
-    return ids
-
-
 def updates(settings: Settings, serde: Serde) -> list[dict[str, Any]]:
     return read_all(settings, serde, "feature-updates")
-
-
-def statuses(settings: Settings) -> dict[str, dict[str, Any]]:
-    folder = settings.state_dir / "processors"
-    return {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
 
 
 @pytest.mark.parametrize("kind", ["native", "faust"])
@@ -178,7 +165,7 @@ def test_poison_pills_are_dead_lettered_and_processing_goes_on(
         # the long item's update by the online-store writer.
         wait_for(lambda: len(read_all(s, serde, "dead-letters")) >= 20, timeout_s=120, what="dead letters")
         wait_for(
-            lambda: len(lake_event_ids(s, "clicks")) >= len(valid) - 1,
+            lambda: len(lake_ids(s, serde, "clicks")) >= len(valid) - 1,
             timeout_s=60,
             what="the lake to archive",
         )
@@ -198,7 +185,7 @@ def test_poison_pills_are_dead_lettered_and_processing_goes_on(
             producer.flush()
         valid.append(after)
         wait_for(
-            lambda: "after-the-poison" in lake_event_ids(s, "clicks"), timeout_s=60, what="the click after"
+            lambda: "after-the-poison" in lake_ids(s, serde, "clicks"), timeout_s=60, what="the click after"
         )
         mark = ("user_activity", after["user_id"], after["event_time"])
         wait_for(
@@ -261,5 +248,5 @@ def test_poison_pills_are_dead_lettered_and_processing_goes_on(
         assert {k: latest[key][k] for k in values_expected} == pytest.approx(values_expected), key
     assert ("item_activity", LONG_ITEM) in latest  # computed; only the online store refused it
     # The lake holds every valid click but the one whose key it cannot store.
-    in_lake = lake_event_ids(s, "clicks")
+    in_lake = lake_ids(s, serde, "clicks")
     assert sorted(in_lake) == sorted(c["event_id"] for c in valid if c["event_id"] != "bad-key")
