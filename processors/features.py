@@ -26,8 +26,8 @@ import json
 from collections.abc import MutableMapping
 
 from features.definitions import FeatureSet
-from features.engine import Aggregator, EntityState, EventRejected
-from processors.runtime import Effects
+from features.engine import Aggregator, EntityState
+from processors.runtime import Effects, record_fault
 from streams.consumer import Event
 
 __all__ = ["WATERMARKS_KEY", "FeatureProcessor"]
@@ -52,6 +52,7 @@ class FeatureProcessor:
     ) -> None:
         self.name = f"features-{feature_set.name}"
         self.inputs = [feature_set.source]
+        self.outputs = ["feature-updates"]
         # Entities other than the topic key (items on a user-keyed topic) span partitions.
         self.event_time_aligned = True
         self.feature_set = feature_set
@@ -95,7 +96,9 @@ class FeatureProcessor:
             late_before = keep if mark is None else max(mark - lateness, keep)
             try:
                 updates = apply(event.record, write_time_ms, late_before=late_before, horizon=keep)
-            except EventRejected as exc:
+            except Exception as exc:  # EventRejected, or any other failure on this one record
+                if not record_fault(exc):
+                    raise  # the state store or the like failed: stop, nothing committed past it
                 effects.rejected.append((event, exc))
                 continue
             t = event.record["event_time"]

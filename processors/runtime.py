@@ -10,12 +10,20 @@ each batch:
    (see :class:`_Aligner`);
 2. ``processor.handle(events)``; rejected events go to ``dead-letters`` with their reason;
 3. publish the outputs and apply ``processor.flush_effects()`` (online store, lake files),
-   then wait until every output and dead letter is acknowledged by the broker;
+   whose rejected records go to ``dead-letters`` too, then wait until every output and dead
+   letter is acknowledged by the broker;
 4. commit the state changes together with the next input offsets (one LMDB transaction);
 5. commit the consumer group offsets (for lag monitoring; the state store is authoritative).
 
 A crash anywhere replays at most the batch in flight, from exactly the state it started
 with, so the outputs are the same records again, and their consumers are idempotent.
+
+No single record stops a processor: one it cannot use is *rejected* (dead-lettered, see
+:mod:`streams.dead_letters`) and the processor goes on. Processors catch per record, in
+``handle`` and in ``flush_effects`` (a store write, a lake file), what :func:`record_fault`
+tells apart from a failure of the processor's environment (a disk, a store, the broker): that
+one stops the processor, with the offsets of what it had not made durable left uncommitted, for
+an operator to fix; the processors beside it go on (:mod:`processors.worker`).
 
 This runner is the ``native`` engine (``settings.processors.engine``); the default, ``faust``
 (:mod:`processors.faust`), hosts the same objects with the same state store, positions and
@@ -33,7 +41,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,11 +51,42 @@ from streams.consumer import Event, EventConsumer
 from streams.producer import EventProducer
 from streams.serde import Serde
 
-__all__ = ["Effects", "Processor", "StreamRunner"]
+__all__ = ["Effects", "InputsDone", "Processor", "Rejected", "StreamRunner", "record_fault"]
 
 log = logging.getLogger(__name__)
 
 FETCH_WAIT_MAX_MS = 50  # longest a fetch waits for records (freshness, see StreamRunner)
+
+
+Rejected = list[tuple[Event, Exception]]  # records a processor could not use, with why
+# With ``until_caught_up``: None while a processor writing to this one's inputs still runs, then
+# the next offset per (physical topic, partition) after everything they wrote there.
+InputsDone = Callable[[], Mapping[Position, int] | None]
+
+# Libraries whose errors are failures of where a processor runs (a store, files, the broker),
+# never of a record's content, wherever they are raised from.
+_ENVIRONMENT_LIBRARIES = frozenset({"lmdb", "redis", "aerospike", "confluent_kafka", "cimpl", "aiokafka"})
+
+
+def record_fault(error: BaseException) -> bool:
+    """True when ``error`` is a record's own fault (its content), so that rejecting the record and
+    going on is right; False when the processor's environment failed: an ``OSError`` (disk, files,
+    sockets), ``MemoryError``, or an error of a storage or Kafka library, anywhere in the chain of
+    causes (``raise ... from``). Rejecting records for an environment failure would send every
+    valid record to dead letters while the store or disk is broken."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if isinstance(exc, OSError | MemoryError):
+            return False
+        if type(exc).__module__.partition(".")[0] in _ENVIRONMENT_LIBRARIES:
+            return False
+        pending += [exc.__cause__, exc.__context__]
+    return True
 
 
 @dataclass
@@ -55,7 +94,7 @@ class Effects:
     """What a batch of events caused: events to publish and events to reject."""
 
     outputs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (logical topic, record)
-    rejected: list[tuple[Event, Exception]] = field(default_factory=list)
+    rejected: Rejected = field(default_factory=list)
 
 
 class Processor(Protocol):
@@ -63,16 +102,22 @@ class Processor(Protocol):
 
     name: str
     inputs: list[str]  # logical topics
+    outputs: list[str]  # logical topics it publishes to (dead letters aside: every processor may)
     event_time_aligned: bool  # merge partitions in event-time order (keyed by another entity)
 
-    def handle(self, events: list[Event], write_time_ms: int) -> Effects: ...
+    def handle(self, events: list[Event], write_time_ms: int) -> Effects:
+        """Apply a batch; a record that cannot be used goes to ``Effects.rejected`` (a
+        :func:`record_fault`), never raises for one record."""
+        ...
 
     def should_flush(self, now_s: float) -> bool:
         """False to keep accumulating (nothing is committed until the next flush)."""
         ...
 
-    def flush_effects(self) -> None:
-        """Make side effects outside Kafka durable (store writes, files); called before commit."""
+    def flush_effects(self) -> Rejected | None:
+        """Make side effects outside Kafka durable (store writes, files); called before commit.
+        Returns the records whose effects could not be made (a :func:`record_fault`, e.g. a value a
+        store or file refuses): they are dead-lettered, the rest is durable."""
 
     def state_changes(self) -> dict[str, bytes | None]:
         """State to persist since the last call (empty for stateless processors)."""
@@ -121,6 +166,14 @@ class StreamRunner:
         self.processed = 0
         self.batches = 0
 
+    @property
+    def dead_lettered(self) -> int:
+        return self.consumer.dead_lettered
+
+    @property
+    def dead_letters_lost(self) -> int:
+        return self.consumer.dead_letters_lost
+
     def _start_offset(self, topic: str, partition: int) -> int | None:
         return self._positions.get((topic, partition))
 
@@ -155,7 +208,8 @@ class StreamRunner:
 
     def _commit(self, positions: dict[Position, int]) -> None:
         """Make the effects of everything handled durable, then the state and positions."""
-        self.processor.flush_effects()
+        for event, error in self.processor.flush_effects() or ():
+            self.consumer.dead_letter(event, error)
         self.producer.flush()
         self.state.commit(self.processor.state_changes(), positions)
         self._positions.update(positions)
@@ -163,13 +217,23 @@ class StreamRunner:
         self._uncommitted = {}
         self.batches += 1
 
-    def run(self, stop: threading.Event, *, until_caught_up: bool = False) -> None:
-        """Loop until ``stop`` is set (or, with ``until_caught_up``, the inputs are drained)."""
+    def run(
+        self, stop: threading.Event, *, until_caught_up: bool = False, inputs_done: InputsDone | None = None
+    ) -> None:
+        """Loop until ``stop`` is set (or, with ``until_caught_up``, the inputs are drained, and
+        ``inputs_done`` says that the processors writing to them have finished and everything
+        they wrote has been read)."""
         log.info("%s: starting on %s", self.processor.name, self.processor.inputs)
         while not stop.is_set():
             n = self.run_once()
             drained = self._aligner is None or self._aligner.buffered == 0
-            if until_caught_up and n == 0 and drained and self.consumer.caught_up():
+            if (
+                until_caught_up
+                and n == 0
+                and drained
+                and self.consumer.caught_up()
+                and reached(inputs_done, self._positions)
+            ):
                 break
         # Whatever a processor still holds is made durable before stopping (a crash replays it).
         if self._aligner is None:
@@ -183,6 +247,15 @@ class StreamRunner:
         finally:
             self.producer.close()
             self.state.close()
+
+
+def reached(inputs_done: InputsDone | None, positions: Mapping[Position, int]) -> bool:
+    """True when the processors writing to the inputs have finished (``inputs_done`` answers) and
+    ``positions`` (next offsets handled) are past everything they wrote."""
+    if inputs_done is None:
+        return True
+    written = inputs_done()
+    return written is not None and all(positions.get(tp, 0) >= offset for tp, offset in written.items())
 
 
 class _Aligner:

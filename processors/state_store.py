@@ -10,6 +10,7 @@ offsets on start, makes the state exact after any crash; outputs are re-emitted 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
@@ -24,6 +25,21 @@ __all__ = ["Position", "StateStore", "StoredStates", "check_state_item", "check_
 
 Position = tuple[str, int]  # physical topic, partition
 _POSITIONS = b"\x00positions"
+# LMDB keys hold at most 511 bytes, and an entity key is whatever an event says (a 600-character
+# item id stopped the item feature processor at every commit). A key that long, or one starting
+# with a byte reserved here, is stored under _HASHED + its SHA-256, with the key itself kept
+# under _ORIGINAL + the same digest so that iteration still yields it.
+_MAX_KEY_BYTES = 511
+_HASHED, _ORIGINAL = b"\x01", b"\x02"
+
+
+def _stored(key: str) -> tuple[bytes, bytes | None]:
+    """The LMDB key of a state key, and the digest it is stored under (None: stored as itself)."""
+    raw = key.encode()
+    if len(raw) <= _MAX_KEY_BYTES and raw[:1] not in (b"\x00", _HASHED, _ORIGINAL):
+        return raw, None
+    digest = hashlib.sha256(raw).digest()
+    return _HASHED + digest, digest
 
 
 class StateStore:
@@ -38,14 +54,19 @@ class StateStore:
 
     def get(self, key: str) -> bytes | None:
         with self._env.begin() as txn:
-            value = txn.get(key.encode())
+            value = txn.get(_stored(key)[0])
             return None if value is None else bytes(value)
 
     def state_keys(self) -> Iterator[str]:
         """Keys of the states (a processor's own bookkeeping, under keys starting with NUL, left out)."""
         with self._env.begin() as txn:
             for raw in txn.cursor().iternext(keys=True, values=False):
-                if not bytes(raw).startswith(b"\x00"):
+                first = bytes(raw[:1])
+                if first == _HASHED:
+                    original = txn.get(_ORIGINAL + bytes(raw[1:]))
+                    if original is not None and not bytes(original).startswith(b"\x00"):
+                        yield bytes(original).decode()
+                elif first not in (b"\x00", _ORIGINAL):
                     yield bytes(raw).decode()
 
     def positions(self) -> dict[Position, int]:
@@ -61,10 +82,15 @@ class StateStore:
         merged = {**self.positions(), **positions}
         with self._env.begin(write=True) as txn:
             for key, value in changes.items():
+                stored, digest = _stored(key)
                 if value is None:
-                    txn.delete(key.encode())
+                    txn.delete(stored)
+                    if digest is not None:
+                        txn.delete(_ORIGINAL + digest)
                 else:
-                    txn.put(key.encode(), value)
+                    txn.put(stored, value)
+                    if digest is not None:
+                        txn.put(_ORIGINAL + digest, key.encode())
             txn.put(_POSITIONS, json.dumps([[t, p, o] for (t, p), o in merged.items()]).encode())
 
     def reset_positions(self) -> None:

@@ -11,7 +11,6 @@ Catching up is detected with partition EOF events, never with listed high waterm
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,12 +29,13 @@ from confluent_kafka import (
 
 from headwater.errors import HeadwaterError
 from headwater.settings import Settings
-from streams.kafka import client_config
+from streams.dead_letters import DeadLetters, oversized
+from streams.kafka import client_config, message_limit
 from streams.producer import EventProducer
 from streams.serde import DecodeError, Serde
 from streams.topics import TopicCatalog
 
-__all__ = ["Event", "EventConsumer", "dead_letter_record"]
+__all__ = ["Event", "EventConsumer"]
 
 log = logging.getLogger(__name__)
 
@@ -80,33 +80,6 @@ def _event(  # noqa: PLR0917 - positional like Event(...), on the hot path
         "tombstone": tombstone,
     })  # fmt: skip
     return event
-
-
-def dead_letter_record(  # noqa: PLR0917 - the record's fields, in its order
-    topic: str,
-    partition: int,
-    offset: int,
-    consumer: str,
-    error: Exception,
-    key: bytes | None,
-    value: bytes | None,
-    headers: dict[str, bytes],
-) -> dict[str, Any]:
-    """The ``dead-letters`` event of a record (physical topic) that ``consumer`` could not take:
-    where it came from, the error, and its bytes as they were. Every engine sends this one."""
-    return {
-        "event_id": f"{topic}/{partition}/{offset}",
-        "event_time": int(time.time() * 1000),
-        "source_topic": topic,
-        "source_partition": partition,
-        "source_offset": offset,
-        "consumer": consumer,
-        "error_type": type(error).__name__,
-        "error": str(error),
-        "original_key": key,
-        "original_value": value,
-        "original_headers": headers,
-    }
 
 
 @dataclass(frozen=True)
@@ -159,6 +132,8 @@ class EventConsumer:
         self._start_offsets = start_offsets
         self._dead_letters = dead_letters
         self._owns_dead_letters = dead_letters is None
+        self._letters: DeadLetters | None = None  # built on the first dead letter
+        self.message_limit = message_limit(settings)
         self._pending: dict[tuple[str, int], int] = {}  # next offset to commit per partition
         self._assigned: set[tuple[str, int]] = set()
         self._eof: set[tuple[str, int]] = set()
@@ -247,6 +222,10 @@ class EventConsumer:
                 return None
             record: dict[str, Any] = {}
         else:
+            too_large = oversized(msg.key(), value, msg.headers(), self.message_limit)
+            if too_large is not None:
+                self.dead_letter(msg, too_large)
+                return None
             try:
                 _, record = self.serde.decode(value, spec.event_type)
             except DecodeError as exc:
@@ -268,26 +247,27 @@ class EventConsumer:
             _headers(msg), msg.timestamp()[1], value, value is None,
         )  # fmt: skip
 
-    def dead_letter(self, msg: Message | Event, error: Exception) -> None:
-        """Route one record to the dead-letters topic with where it came from, the error and its bytes."""
+    def dead_letter(self, msg: Message | Event, error: BaseException) -> None:
+        """Route one record to the dead-letters topic with where it came from, the error and its
+        bytes (:class:`streams.dead_letters.DeadLetters`: cut to fit, or skipped and counted)."""
         if isinstance(msg, Event):
             topic = self.catalog.name(msg.topic)
-            partition, offset, key, value, headers = (
-                msg.partition,
-                msg.offset,
-                msg.key,
-                msg.value,
-                msg.headers,
-            )
+            partition, offset = msg.partition, msg.offset
+            key, value, headers = msg.key, msg.value, msg.headers
         else:
             topic, partition, offset = _where(msg)
             key, value, headers = msg.key(), msg.value(), _headers(msg)
-        log.warning("%s: dead-lettering %s [%d] @%d: %s", self.name, topic, partition, offset, error)
-        if self._dead_letters is None:
-            self._dead_letters = EventProducer(self.settings, self.serde, client_id=f"{self.name}-dlq")
-        record = dead_letter_record(topic, partition, offset, self.name, error, key, value, headers)
-        self._dead_letters.send("dead-letters", record)
+        if self._letters is None:
+            if self._dead_letters is None:
+                self._dead_letters = EventProducer(self.settings, self.serde, client_id=f"{self.name}-dlq")
+            self._letters = DeadLetters(self._dead_letters, self.name, self.message_limit)
+        self._letters.send(topic, partition, offset, error, key, value, headers)
         self.dead_lettered += 1
+
+    @property
+    def dead_letters_lost(self) -> int:
+        """Records that could not be dead-lettered and were skipped (logged at ERROR)."""
+        return 0 if self._letters is None else self._letters.lost
 
     def assignment(self) -> set[tuple[str, int]]:
         """The (physical topic, partition) pairs this consumer reads."""

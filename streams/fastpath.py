@@ -12,17 +12,20 @@ field, branch and symbol resolved once (readable in ``.source``), and runs it.
 
 It is a fast path only, never a second implementation of Avro's rules: the generated code
 handles the plain case (exact Python types, ``dict`` records and maps, ``list`` arrays,
-values in range, well-formed bytes) and raises :class:`Fallback` on anything else, and
-:class:`streams.serde.Serde` then calls fastavro, so unusual input (a tuple-tagged union, an
-``int`` for a ``double``, truncated bytes) gets exactly fastavro's result or error. Where
+values in range, well-formed bytes holding one record and nothing after it) and raises
+:class:`Fallback` on anything else, and :class:`streams.serde.Serde` then calls fastavro (with
+the range checks of :mod:`streams.ranges`, which fastavro lacks), so unusual input (a
+tuple-tagged union, an ``int`` for a ``double``, truncated bytes) gets exactly fastavro's result
+or error. Where
 fastavro chooses between union branches (an ``int`` for ``["long", "double"]``, a ``float``
 for ``["float", "double"]``), the branch is taken from fastavro itself when the code is
 compiled, by encoding probe values. ``tests/test_serde_fastpath.py`` holds both directions to
 fastavro on every schema of the catalog with generated records and fuzzed bytes.
 
-Schemas with logical types, default-filled missing fields, schema resolution (reader schema
-differs from writer schema) or recursive types are not compiled (:func:`compile_encoder`
-returns None), and always go through fastavro.
+Schemas with logical types, schema resolution (reader schema differs from writer schema) or
+recursive types are not compiled (:func:`compile_encoder` returns None), and always go through
+fastavro. A record missing top-level fields that have defaults is filled with them by the serde
+before the fast path (what fastavro writes for it); a nested one goes to fastavro.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any
 
 from fastavro import parse_schema, schemaless_writer
 
-__all__ = ["Decoder", "Encoder", "Fallback", "compile_decoder", "compile_encoder"]
+__all__ = ["Decoder", "Encoder", "Fallback", "compile_decoder", "compile_encoder", "type_name"]
 
 Encoder = Callable[[dict[str, Any]], bytes]
 Decoder = Callable[[bytes, int], dict[str, Any]]
@@ -102,7 +105,8 @@ def _read_length(b: bytes, p: int, first: int) -> tuple[int, int]:
     return n, p
 
 
-def _type_name(schema: Any) -> str:
+def type_name(schema: Any) -> str:
+    """The Avro type of a parsed schema: a primitive or named type's name, "union", or its ``type``."""
     if isinstance(schema, str):
         return schema
     if isinstance(schema, list):
@@ -201,7 +205,7 @@ def _enc(g: _Gen, schema: Any, v: str, ind: int, checked: bool = False) -> None:
     ``checked``: the caller (a union's dispatch) already tested the value's type and range.
     """
     schema = g.resolve(schema)
-    kind = _type_name(schema)
+    kind = type_name(schema)
     if kind == "null":
         g.emit(ind, f"if {v} is not None: raise Fallback")
     elif kind == "boolean":
@@ -270,7 +274,7 @@ def _enc(g: _Gen, schema: Any, v: str, ind: int, checked: bool = False) -> None:
 
 
 def _enc_union(g: _Gen, union: list[Any], v: str, ind: int) -> None:
-    branches = [_type_name(g.resolve(b)) for b in union]
+    branches = [type_name(g.resolve(b)) for b in union]
     if any(b not in _PRIMITIVES for b in branches):
         raise _Unsupported("unions of named or complex types")
     chosen: dict[str, int] = {}
@@ -319,7 +323,7 @@ def compile_encoder(schema: Any) -> Encoder | None:
         return None
     source = "def encode(r):\n    buf = bytearray()\n" + "\n".join(g.lines) + "\n    return bytes(buf)\n"
     namespace: dict[str, Any] = {"Fallback": Fallback, "_varint": _varint, **g.consts}
-    exec(compile(source, f"<avro encoder {_type_name(schema)} {schema.get('name', '')}>", "exec"), namespace)
+    exec(compile(source, f"<avro encoder {type_name(schema)} {schema.get('name', '')}>", "exec"), namespace)
     fn: Encoder = namespace["encode"]
     fn.source = source  # type: ignore[attr-defined]
     return fn
@@ -339,7 +343,7 @@ def _dec_long(g: _Gen, target: str, ind: int) -> None:
 def _dec(g: _Gen, schema: Any, target: str, ind: int) -> None:  # noqa: PLR0915 - a branch per Avro type
     """Emit code reading one value of ``schema`` at ``p`` of ``b`` into ``target``."""
     schema = g.resolve(schema)
-    kind = _type_name(schema)
+    kind = type_name(schema)
     if kind == "null":
         g.emit(ind, f"{target} = None")
     elif kind == "boolean":
@@ -348,7 +352,10 @@ def _dec(g: _Gen, schema: Any, target: str, ind: int) -> None:  # noqa: PLR0915 
         g.emit(ind, "p += 1")
         g.emit(ind, f"if {c} > 1: raise Fallback")
         g.emit(ind, f"{target} = {c} == 1")
-    elif kind in ("int", "long"):
+    elif kind == "int":  # a varint like a long's: one beyond 32 bits is no int (Serde refuses it)
+        _dec_long(g, target, ind)
+        g.emit(ind, f"if not {_INT32[0]} <= {target} <= {_INT32[1]}: raise Fallback")
+    elif kind == "long":
         _dec_long(g, target, ind)
     elif kind in ("float", "double"):
         size = 4 if kind == "float" else 8
@@ -422,21 +429,26 @@ def compile_decoder(schema: Any) -> Decoder | None:
     """A function ``(bytes, start) -> record`` for a parsed record schema read as itself, or None.
 
     The function raises :class:`Fallback` (or another exception: truncated bytes, bad UTF-8) for
-    bytes outside the plain case; the records it returns equal fastavro's ``schemaless_reader``'s.
+    bytes outside the plain case, which includes an ``int`` beyond 32 bits and bytes left after
+    the record; the records it returns equal fastavro's ``schemaless_reader``'s.
     """
     g = _Gen()
     try:
         _dec(g, schema, "r", 1)
     except _Unsupported:
         return None
-    source = "def decode(b, p):\n    end = len(b)\n" + "\n".join(g.lines) + "\n    return r\n"
+    # Bytes after the body are not one event (Serde refuses them): not the plain case.
+    source = (
+        "def decode(b, p):\n    end = len(b)\n" + "\n".join(g.lines) + "\n    if p != end: raise Fallback\n"
+        "    return r\n"
+    )
     namespace: dict[str, Any] = {
         "Fallback": Fallback,
         "_read_varint": _read_varint,
         "_read_length": _read_length,
         **g.consts,
     }
-    exec(compile(source, f"<avro decoder {_type_name(schema)} {schema.get('name', '')}>", "exec"), namespace)
+    exec(compile(source, f"<avro decoder {type_name(schema)} {schema.get('name', '')}>", "exec"), namespace)
     fn: Decoder = namespace["decode"]
     fn.source = source  # type: ignore[attr-defined]
     return fn

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -65,27 +64,21 @@ class EventProducer:
         self._producer = Producer(conf)
         self._routes: dict[str, tuple[TopicSpec, str]] = {}  # logical topic -> (spec, physical name)
         self.delivered = 0
+        # Next offset after the last record delivered, per (physical topic, partition): how far a
+        # reader of this producer's output must get to have seen all of it.
+        self.produced: dict[tuple[str | None, int | None], int] = {}
         self.failed = 0
         self.last_error: KafkaError | None = None
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:
             self.delivered += 1
+            # Offsets grow per partition in delivery order (idempotent producer): the last is the highest.
+            self.produced[(msg.topic(), msg.partition())] = msg.offset() + 1  # type: ignore[operator]
             return
         self.failed += 1
         self.last_error = err
         log.error("delivery to %s [%s] failed: %s", msg.topic(), msg.partition(), err)
-
-    def _on_delivery_to(
-        self, on_failure: Callable[[KafkaError], None], err: KafkaError | None, _: Message
-    ) -> None:
-        """A delivery report of a record whose sender reports its own failures (instead of a log line)."""
-        if err is None:
-            self.delivered += 1
-            return
-        self.failed += 1
-        self.last_error = err
-        on_failure(err)
 
     def send(
         self,
@@ -94,13 +87,12 @@ class EventProducer:
         *,
         key: str | None = None,
         headers: dict[str, str] | None = None,
-        on_failure: Callable[[KafkaError], None] | None = None,
+        on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
     ) -> None:
         """Encode ``record`` with the topic's schema and queue it; EncodeError if it does not fit.
 
-        ``on_failure`` is called with the error if the broker refuses the record (its delivery
-        report comes later, from a later send or a flush); a record librdkafka refuses at once
-        (larger than ``message.max.bytes``) raises KafkaException here."""
+        ``on_delivery``, when given, takes this record's delivery report instead of the
+        producer's own (which counts failures that make :meth:`flush` raise)."""
         # Per-record work is on the feature processor's hot path: the topic's spec and physical
         # name are looked up once per topic, and the header list is built directly when no
         # extra headers are given.
@@ -120,8 +112,20 @@ class EventProducer:
             value,
             key=(key if key is not None else spec.key(record)).encode(),
             headers=header_list,
-            on_failure=on_failure,
+            on_delivery=on_delivery,
         )
+
+    def _reporting_to(
+        self, on_delivery: Callable[[KafkaError | None, Message], None]
+    ) -> Callable[[KafkaError | None, Message], None]:
+        """A delivery report for ``on_delivery`` that still counts a success as the producer's own."""
+
+        def report(err: KafkaError | None, msg: Message) -> None:
+            if err is None:
+                self._on_delivery(None, msg)
+            on_delivery(err, msg)
+
+        return report
 
     def send_raw(
         self,
@@ -131,11 +135,11 @@ class EventProducer:
         key: bytes | None = None,
         headers: list[tuple[str, str | bytes | None]] | None = None,
         partition: int | None = None,
-        on_failure: Callable[[KafkaError], None] | None = None,
+        on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
     ) -> None:
         """Queue already-encoded bytes to a physical topic (restores, dead letters, tests)."""
         target = -1 if partition is None else partition  # -1: librdkafka's partitioner decides
-        report = self._on_delivery if on_failure is None else partial(self._on_delivery_to, on_failure)
+        report = self._on_delivery if on_delivery is None else self._reporting_to(on_delivery)
         while True:
             try:
                 self._producer.produce(

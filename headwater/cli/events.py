@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, Annotated, Any
 
 import typer
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, Message
 
 from headwater.cli.common import console, serde_for, settings_of, to_json
 from headwater.errors import HeadwaterError
@@ -129,7 +129,7 @@ def publish(
             try:
                 record = validate_line(decode_line(raw), fields)
                 # The broker's refusal comes later, in a delivery report: it names the line too.
-                producer.send(spec.logical, record, on_failure=partial(_refused, report, lineno))
+                producer.send(spec.logical, record, on_delivery=partial(_refused, report, lineno))
             except (InvalidLineError, EncodeError) as exc:
                 reason = str(exc)
             except KeyError as exc:  # the record key is derived from a field the line left to its default
@@ -156,7 +156,9 @@ def publish(
         raise typer.Exit(1)
 
 
-def _refused(report: Callable[[int, str], None], lineno: int, err: KafkaError) -> None:
+def _refused(report: Callable[[int, str], None], lineno: int, err: KafkaError | None, _: Message) -> None:
+    if err is None:
+        return  # delivered: the producer counts it
     if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
         report(lineno, f"the broker refused the event as larger than its message limit ({err.str()})")
     else:

@@ -66,10 +66,12 @@ from faust.types import TP
 from headwater.errors import ConfigError, HeadwaterError
 from headwater.settings import Settings
 from processors.faust.consumer import PositionedConsumer, Records, faust_app
-from processors.runtime import Processor, _Aligner, _future_ms, _LongLivedObjects
+from processors.runtime import InputsDone, Processor, _Aligner, _future_ms, _LongLivedObjects, reached
 from processors.state_store import Position, StateStore
-from streams.consumer import Event, EventConsumer, dead_letter_record
+from streams.consumer import Event, EventConsumer
 from streams.consumer import _event as _new_event
+from streams.dead_letters import DeadLetters, oversized
+from streams.kafka import message_limit
 from streams.producer import EventProducer
 from streams.serde import DecodeError, Serde
 from streams.topics import TopicCatalog
@@ -115,6 +117,8 @@ class FaustHost:
         self._positions = self.state.positions()
         self._durable = dict(self._positions)  # what the state store holds: Faust commits these
         self.producer = EventProducer(settings, serde, client_id=processor.name)
+        self.message_limit = message_limit(settings)
+        self.letters = DeadLetters(self.producer, processor.name, self.message_limit)
         self._pending: dict[Position, int] = {}  # next offset per partition of everything received
         self._uncommitted: dict[Position, int] = {}
         # The runtime's aligner asks a consumer for its assignment, partition ends and pending
@@ -204,7 +208,7 @@ class FaustHost:
     def _decode(self, records: Records) -> list[Event]:
         events: list[Event] = []
         append, pending, specs, decode = events.append, self._pending, self._specs, self.serde.decode
-        new_event = _new_event
+        new_event, limit = _new_event, self.message_limit
         for tp_records in records:
             last = tp_records[-1]
             spec = specs[last.topic]
@@ -213,6 +217,10 @@ class FaustHost:
                 value = rec.value
                 if value is None:
                     continue  # a tombstone: no processor here reads deletions (as the native consumer)
+                too_large = oversized(rec.key, value, rec.headers, limit)
+                if too_large is not None:
+                    self.dead_letter(_event(logical, event_type, rec, {}), too_large)
+                    continue
                 try:
                     _, record = decode(value, event_type)
                 except DecodeError as exc:
@@ -257,12 +265,12 @@ class FaustHost:
             if self._uncommitted and self.processor.should_flush(self._clock()):
                 self._commit(self._uncommitted)
         except BaseException as exc:  # stop handling: a later batch must not build on a failed one
-            log.exception("%s: batch failed", self.processor.name)
-            self.error = exc
+            self.error = exc  # raised by run(), whose caller reports it once
 
     def _commit(self, positions: dict[Position, int]) -> None:
         """Blocks the loop (a flush takes ms); Faust's consumer fetches and heartbeats on its own thread."""
-        self.processor.flush_effects()
+        for event, error in self.processor.flush_effects() or ():
+            self.dead_letter(event, error)
         self.producer.flush()  # outputs and dead letters acknowledged before the positions pass them
         self.state.commit(self.processor.state_changes(), positions)
         self._positions.update(positions)
@@ -270,34 +278,38 @@ class FaustHost:
         self._uncommitted = {}
         self.batches += 1
 
-    def dead_letter(self, event: Event, error: Exception) -> None:
-        """What ``streams.consumer.EventConsumer.dead_letter`` sends, on our producer."""
-        topic = self.catalog.name(event.topic)
-        name = self.processor.name
-        log.warning("%s: dead-lettering %s [%d] @%d: %s", name, topic, event.partition, event.offset, error)
-        self.producer.send(
-            "dead-letters",
-            dead_letter_record(
-                topic, event.partition, event.offset, name, error, event.key, event.value, event.headers
-            ),
-        )
+    def dead_letter(self, event: Event, error: BaseException) -> None:
+        """What ``streams.consumer.EventConsumer.dead_letter`` does, on our producer."""
+        self.letters.send(
+            self.catalog.name(event.topic), event.partition, event.offset, error, event.key, event.value,
+            event.headers,
+        )  # fmt: skip
         self.dead_lettered += 1
+
+    @property
+    def dead_letters_lost(self) -> int:
+        return self.letters.lost
 
     # --- lifecycle --------------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event, *, until_caught_up: bool = False) -> None:
-        """Run the Faust app on a loop of this thread until ``stop`` (or, ``until_caught_up``, drained)."""
+    def run(
+        self, stop: threading.Event, *, until_caught_up: bool = False, inputs_done: InputsDone | None = None
+    ) -> None:
+        """Run the Faust app on a loop of this thread until ``stop`` (or, ``until_caught_up``, drained
+        once ``inputs_done`` says the processors writing to the inputs have finished and were read)."""
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(self._run(stop, until_caught_up))
+            loop.run_until_complete(self._run(stop, until_caught_up, inputs_done))
         finally:
             asyncio.set_event_loop(None)
             loop.close()
         if self.error is not None:
-            raise HeadwaterError(f"{self.processor.name} failed: {self.error}") from self.error
+            raise HeadwaterError(f"{type(self.error).__name__}: {self.error}") from self.error
 
-    async def _run(self, stop: threading.Event, until_caught_up: bool) -> None:
+    async def _run(
+        self, stop: threading.Event, until_caught_up: bool, inputs_done: InputsDone | None
+    ) -> None:
         app = self._app = faust_app(self.settings, self.processor.name, self)
         # Subscribed without an agent: the consumer hands fetched batches to ``step`` itself.
         app.topics.add(app.topic(*self._specs, key_serializer="raw", value_serializer="raw"))
@@ -315,7 +327,7 @@ class FaustHost:
                     self.error = HeadwaterError(
                         f"Faust stopped: {app.crash_reason or app.consumer.crash_reason}"
                     )
-                elif until_caught_up and self.caught_up():
+                elif until_caught_up and self.caught_up() and reached(inputs_done, self._positions):
                     break
                 elif until_caught_up and not self.assignment() and time.monotonic() > join_deadline:
                     self.error = HeadwaterError(

@@ -24,8 +24,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,10 @@ from streams.topics import TOPICS, TopicSpec
 __all__ = ["EPOCHS_FILE", "LakeWriter", "TopicLake", "topic_spec", "write_parquet"]
 
 log = logging.getLogger(__name__)
+
+# What converting a row's values to Arrow raises for a value its column cannot hold (an integer
+# beyond int32, a string in a number column): a fault of that row, not of the lake.
+_ROW_ERRORS = (pa.ArrowException, OverflowError, ValueError, TypeError, KeyError)
 
 EPOCHS_FILE = "_epochs.json"
 _SPECS = {s.logical: s for s in TOPICS}
@@ -187,11 +191,20 @@ class LakeWriter:
             self._columns[spec.logical] = cols
         return cols
 
-    def write(self, topic: str, rows: Iterable[LakeRow | tuple[Any, ...]]) -> list[Path]:
+    def write(
+        self,
+        topic: str,
+        rows: Iterable[LakeRow | tuple[Any, ...]],
+        *,
+        on_bad_row: Callable[[LakeRow, Exception], None] | None = None,
+    ) -> list[Path]:
         """Archive one batch; returns the files written once they are durable.
 
         ``rows`` are ``(partition, kafka_offset, record[, key])`` with records decoded in the
         topic's latest schema; a missing key is derived from the record by the topic catalog.
+        With ``on_bad_row``, a row whose values the Parquet writer refuses is given to it (as
+        passed in) and left out, and the rest of its file is written; without, the write raises.
+        Failures to write files (a full or read-only disk) always raise.
         """
         spec = topic_spec(topic, self.prefix)
         now = int(time.time() * 1000)
@@ -199,13 +212,22 @@ class LakeWriter:
         bases = epoch.get("base", {}).get(spec.logical, {})
         restored = epoch.get("restored", {}).get(spec.logical, {})
         lake_rows = []
+        given: dict[int, LakeRow] = {}  # id of a lake row -> the row as given, for on_bad_row
         for raw in rows:
             row = raw if isinstance(raw, LakeRow) else LakeRow(*raw)
             part = str(row.partition)
             if row.offset < restored.get(part, 0):
                 continue  # a restored copy of a row the lake already has
-            key = row.key if row.key is not None else spec.key(dict(row.record))
-            lake_rows.append(LakeRow(row.partition, bases.get(part, 0) + row.offset, row.record, key))
+            try:
+                key = row.key if row.key is not None else spec.key(dict(row.record))
+            except Exception as exc:  # a record without the fields its key is made of
+                if on_bad_row is None:
+                    raise
+                on_bad_row(row, exc)
+                continue
+            lake_row = LakeRow(row.partition, bases.get(part, 0) + row.offset, row.record, key)
+            lake_rows.append(lake_row)
+            given[id(lake_row)] = row
         if not lake_rows:
             return []
         lake = TopicLake(self.root, spec.logical)
@@ -215,16 +237,21 @@ class LakeWriter:
         plans = plan_files(spec.logical, lake_rows, now)
         existing = lake.files()
         written: list[Path] = []
+
+        def table_of(plan: FilePlan) -> pa.Table | None:
+            if on_bad_row is None:
+                return self._table(spec, plan, now)
+            return self._table_without_bad_rows(spec, plan, now, lambda r, e: on_bad_row(given[id(r)], e))
+
         for name in sorted({p.file for p in plans}):
-            mine = [p for p in plans if p.file == name]
+            tables = [(plan, table_of(plan)) for plan in plans if plan.file == name]
+            mine = [(plan, table) for plan, table in tables if table is not None]
+            if not mine:
+                continue  # every row of the range refused: nothing to write or to supersede
             old = superseded(list(existing), name)
             kept = self._kept_rows(old, existing, name)
-            for plan in mine:
-                written.append(
-                    self._write_file(
-                        lake.dir / f"{DATE_PREFIX}{plan.date}", plan.file, self._table(spec, plan, now)
-                    )
-                )
+            for plan, table in mine:
+                written.append(self._write_file(lake.dir / f"{DATE_PREFIX}{plan.date}", plan.file, table))
             written.extend(self._write_kept(lake, name, kept))
             new_paths = set(written)
             for f in old:
@@ -253,6 +280,37 @@ class LakeWriter:
                 # REQUIRED when the batch has no null: cheaper to read (views declare Nullable).
                 table = table.append_column(pa.field(name, array.type, nullable=array.null_count > 0), array)
         return table
+
+    def _table_without_bad_rows(
+        self, spec: TopicSpec, plan: FilePlan, now: int, bad_row: Callable[[LakeRow, Exception], None]
+    ) -> pa.Table | None:
+        """The plan's table, less the rows Arrow refuses (each given to ``bad_row``); None if none is left."""
+        try:
+            return self._table(spec, plan, now)
+        except _ROW_ERRORS as exc:
+            bad = self._bad_rows(spec, plan, now, exc)
+        for row, error in bad:
+            bad_row(row, error)
+        refused = {id(row) for row, _ in bad}
+        good = tuple(row for row in plan.rows if id(row) not in refused)
+        return self._table(spec, replace(plan, rows=good), now) if good else None
+
+    def _bad_rows(
+        self, spec: TopicSpec, plan: FilePlan, now: int, error: Exception
+    ) -> list[tuple[LakeRow, Exception]]:
+        """The rows of a plan whose table failed with ``error`` that fail alone, found by halving:
+        one bad row among n costs about 2n rows converted, not n tables of one row."""
+        if len(plan.rows) == 1:
+            return [(plan.rows[0], error)]
+        half = len(plan.rows) // 2
+        bad: list[tuple[LakeRow, Exception]] = []
+        for rows in (plan.rows[:half], plan.rows[half:]):
+            part = replace(plan, rows=rows)
+            try:
+                self._table(spec, part, now)
+            except _ROW_ERRORS as exc:
+                bad += self._bad_rows(spec, part, now, exc)
+        return bad
 
     def _kept_rows(
         self, old: Sequence[FileName], existing: Mapping[FileName, list[Path]], new: FileName
