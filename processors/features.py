@@ -28,11 +28,12 @@ from collections.abc import MutableMapping
 from features.definitions import FeatureSet
 from features.engine import Aggregator, EntityState
 from processors.runtime import Effects, record_fault
+from processors.state_store import META_PREFIX
 from streams.consumer import Event
 
 __all__ = ["WATERMARKS_KEY", "FeatureProcessor"]
 
-WATERMARKS_KEY = "\x00watermarks"  # in the processor's state store, beside the entities' states
+WATERMARKS_KEY = META_PREFIX + "watermarks"  # in the processor's state store, beside the entities' states
 
 Partition = tuple[str, int]  # logical topic, partition
 

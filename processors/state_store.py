@@ -21,7 +21,7 @@ import lmdb
 from headwater.errors import HeadwaterError
 from headwater.integrity import CheckReport
 
-__all__ = ["Position", "StateStore", "StoredStates", "check_state_item", "check_state_stores"]
+__all__ = ["META_PREFIX", "Position", "StateStore", "StoredStates", "check_state_item", "check_state_stores"]
 
 Position = tuple[str, int]  # physical topic, partition
 _POSITIONS = b"\x00positions"
@@ -31,11 +31,17 @@ _POSITIONS = b"\x00positions"
 # under _ORIGINAL + the same digest so that iteration still yields it.
 _MAX_KEY_BYTES = 511
 _HASHED, _ORIGINAL = b"\x01", b"\x02"
+# State keys starting with this are a processor's own bookkeeping (its watermarks): committed with
+# the states and positions like any state, but not states, so never listed by state_keys.
+META_PREFIX = "\x00meta:"
+_META = META_PREFIX.encode()
 
 
 def _stored(key: str) -> tuple[bytes, bytes | None]:
     """The LMDB key of a state key, and the digest it is stored under (None: stored as itself)."""
     raw = key.encode()
+    if raw.startswith(_META):  # a processor's bookkeeping: stored as it is, never listed as a state
+        return raw, None
     if len(raw) <= _MAX_KEY_BYTES and raw[:1] not in (b"\x00", _HASHED, _ORIGINAL):
         return raw, None
     digest = hashlib.sha256(raw).digest()
@@ -58,13 +64,13 @@ class StateStore:
             return None if value is None else bytes(value)
 
     def state_keys(self) -> Iterator[str]:
-        """Keys of the states (a processor's own bookkeeping, under keys starting with NUL, left out)."""
+        """Keys of the states (a processor's own bookkeeping, under META_PREFIX, left out)."""
         with self._env.begin() as txn:
             for raw in txn.cursor().iternext(keys=True, values=False):
                 first = bytes(raw[:1])
                 if first == _HASHED:
                     original = txn.get(_ORIGINAL + bytes(raw[1:]))
-                    if original is not None and not bytes(original).startswith(b"\x00"):
+                    if original is not None:
                         yield bytes(original).decode()
                 elif first not in (b"\x00", _ORIGINAL):
                     yield bytes(raw).decode()
@@ -124,10 +130,13 @@ def check_state_stores(state_root: Path) -> CheckReport:
 
 
 def check_state_item(key: bytes, value: bytes, _get: object) -> str | None:
-    """A state key is text; the positions record is a list of [topic, partition, offset]."""
+    """A state key is text (or a long key's digest, whose original key is kept as text); the
+    positions record is a list of [topic, partition, offset]."""
+    if key[:1] == _HASHED:
+        return None if len(key) == 33 else "a hashed state key of the wrong length"
     if key != _POSITIONS:
         try:
-            key.decode()
+            (value if key[:1] == _ORIGINAL else key).decode()
         except UnicodeDecodeError:
             return "a state key that is not text"
         return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import re
 import threading
 import uuid
 from pathlib import Path
@@ -56,14 +57,18 @@ def stack(broker_settings: Settings, serde: Serde, tmp_path_factory: pytest.Temp
 
 
 def overwrite_page(env_dir: Path, needle: bytes, seed: int) -> None:
-    """Garbage over the LMDB page that holds ``needle`` (a key the store wrote)."""
+    """Garbage over every LMDB page that holds ``needle`` (a key the store wrote): copy-on-write
+    leaves earlier copies of a page in the file, and the one in use may be any of them."""
     psize = os.sysconf("SC_PAGE_SIZE")  # LMDB's page size: the OS's (the environment may be open here)
     data_file = env_dir / "data.mdb"
-    at = data_file.read_bytes().find(needle)
-    assert at >= 0, f"{needle!r} is not in {data_file}"
+    data = data_file.read_bytes()
+    pages = {m.start() // psize for m in re.finditer(re.escape(needle), data)}
+    assert pages, f"{needle!r} is not in {data_file}"
+    rng = random.Random(seed)
     with data_file.open("r+b") as f:
-        f.seek(at // psize * psize)
-        f.write(random.Random(seed).randbytes(psize))
+        for page in sorted(pages):
+            f.seek(page * psize)
+            f.write(rng.randbytes(psize))
 
 
 def test_doctor_reports_clean_data_clean_and_finds_each_damage(stack: Settings) -> None:
