@@ -95,7 +95,9 @@ class ServingMetrics:
         )
         self.events_dropped = Counter(
             "headwater_serving_events_dropped_total",
-            "Prediction events that could not be logged: buffer_full, broker (delivery failed), encode",
+            "Prediction events that could not be logged, by reason: buffer_full (the sender is behind), "
+            "broker (refused or not delivered), encode, too_large (over the producer's message.max.bytes), "
+            "sender (held by a sender process that died)",
             ["reason"],
             registry=r,
         )

@@ -13,6 +13,10 @@ A version that fails to load (tampered artifact, incompatible code) is not publi
 alias keeps serving the version it served before, an ``alert`` event is sent and
 ``model_load_failures`` counted. Versions asked for by number (``name:7``) that no alias
 points at are loaded on first use (:meth:`ModelRuntime.load_version`).
+
+When ``headwater up`` starts the embedded broker again (it restores ``models`` from the lake),
+the runtime reads the registry from the new broker (:class:`serving.broker_watch.BrokerWatch`):
+events it applied before are recognised by their id, so only what is new changes anything.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 
 from features.repository import FeatureRepository
 from headwater.errors import HeadwaterError
@@ -38,10 +44,13 @@ from models.pipeline import ModelPipeline
 from registry.artifacts import ArtifactStore
 from registry.state import ModelVersion, RegistryState
 from serving.assemble import ColumnarAssembler
+from serving.broker_watch import BrokerWatch
 from serving.events import PredictionEncoder, prediction_header
 from streams.consumer import Event
+from streams.kafka import client_config
 from streams.serde import Serde
 from streams.state import CompactedState
+from streams.topics import TopicCatalog
 
 __all__ = ["FeatureRead", "LoadedModel", "ModelRuntime", "Routes", "build_loaded", "new_alert"]
 
@@ -168,14 +177,49 @@ class ModelRuntime:
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
         self._reader: CompactedState | None = None
         self._dirty = threading.Event()
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
         self.generation = 0  # routes published so far (tests wait on it)
 
     def start(self, timeout_s: float = 60.0) -> ModelRuntime:
         """Read the registry to its end and load what it points at before returning."""
-        self._reader = CompactedState(self.settings, self.serde, "models", on_change=self._on_change).start()
+        watch = BrokerWatch(self.settings)
+        self._reader = self._read_registry()
         self._reader.wait_until_caught_up(timeout_s)
         self._loader.submit(self._reconcile).result(timeout_s)
+        if watch.watching:
+            self._watcher = threading.Thread(
+                target=self._follow_broker, args=(watch,), name="registry-broker", daemon=True
+            )
+            self._watcher.start()
         return self
+
+    def _read_registry(self) -> CompactedState:
+        return CompactedState(self.settings, self.serde, "models", on_change=self._on_change).start()
+
+    def _follow_broker(self, watch: BrokerWatch) -> None:
+        """Read the registry from each new embedded broker, once its ``models`` topic exists."""
+        moved = False
+        while not self._stopping.wait(watch.interval_s):
+            moved = watch.changed() or moved
+            if moved and self._registry_topic_exists():
+                old, self._reader = self._reader, self._read_registry()
+                if old is not None:
+                    old.stop()
+                moved = False
+                log.info(
+                    "registry: reading models from the new broker at %s",
+                    watch.current and watch.current.bootstrap,
+                )
+
+    def _registry_topic_exists(self) -> bool:
+        name = TopicCatalog(self.settings).name("models")
+        try:
+            metadata = AdminClient(client_config(self.settings)).list_topics(name, timeout=2.0)
+        except (KafkaException, HeadwaterError):
+            return False
+        topic = metadata.topics.get(name)
+        return topic is not None and topic.error is None
 
     def _on_change(self, _key: str, record: dict[str, Any] | None, _event: Event) -> None:
         if record is None:
@@ -294,6 +338,10 @@ class ModelRuntime:
         return next((err for (n, v, _), err in self._failed.items() if (n, v) == (name, version)), None)
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join(5.0)
+            self._watcher = None
         if self._reader is not None:
             self._reader.stop()
             self._reader = None
