@@ -139,7 +139,19 @@ class ServingSettings(BaseModel):
         1000, ge=1, description="Token-bucket size per client: requests allowed at once above the rate"
     )
     max_entities: int = Field(1000, ge=1, description="Entities per request; more is INVALID_ARGUMENT")
-    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request accepted")
+    max_id_length: int = Field(
+        256,
+        ge=16,
+        le=100_000,
+        description="Longest entity key value, client_id, trace_id or experiment_id accepted (characters); "
+        "longer is INVALID_ARGUMENT. Identifiers travel in every prediction event, so this bounds an event's "
+        "size (far under the broker's message limit) and the service's per-client state",
+    )
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="Largest request accepted (larger: RESOURCE_EXHAUSTED from gRPC)",
+    )
     default_timeout_ms: int = Field(
         1000, ge=0, description="Deadline of a call that sets none (neither gRPC's nor timeout_ms); 0: none"
     )

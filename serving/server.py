@@ -125,6 +125,7 @@ class PredictionServer:
             self.metrics,
             capacity=cfg.shadow_queue,
             max_entities=cfg.max_entities,
+            max_key_length=cfg.max_id_length,
             model_threads=cfg.model_threads,
         ).start()
         self.service = PredictionService(
