@@ -117,6 +117,7 @@ class PredictionServer:
             on_loaded=self._loaded,
             on_failed=self._failed,
             on_published=self._published,
+            on_fallback=self._fell_back,
         )
         await asyncio.get_running_loop().run_in_executor(None, self.runtime.start)
         self.shadow = ShadowScorer(
@@ -216,6 +217,25 @@ class PredictionServer:
                         "version": str(mv.version),
                         "sha256": mv.artifact_sha256,
                         "error": type(exc).__name__,
+                    },
+                )
+            )
+
+    def _fell_back(self, name: str, alias: str, failed: int, model: LoadedModel) -> None:
+        if self.events is not None:
+            why = self.runtime.failure(name, failed) if self.runtime is not None else None
+            self.events.alert(
+                new_alert(
+                    "model_fallback",
+                    f"{name}@{alias}",
+                    f"{name}@{alias} points at version {failed}, which cannot be loaded ({why}); serving "
+                    f"version {model.version} instead, the newest loadable earlier version of the alias. "
+                    "Fix or replace the artifact, or roll the alias back",
+                    {
+                        "model": name,
+                        "alias": alias,
+                        "failed_version": str(failed),
+                        "serving_version": str(model.version),
                     },
                 )
             )
