@@ -87,12 +87,15 @@ def _series(text: str) -> int:
     return sum(1 for line in text.splitlines() if line.startswith("headwater_serving_"))
 
 
-def test_made_up_model_names_keep_the_metrics_and_the_state_bounded(served: Served) -> None:
+def test_made_up_model_names_keep_the_metrics_the_state_and_the_log_bounded(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
     rng = random.Random(7)
     with served.client() as client:
         with pytest.raises(PredictionError):
             client.predict("warm_up_unknown", ENTITY)  # the one "unknown" series exists from here
         before = _metrics(served)
+        caplog.clear()
         names = ["".join(rng.choices(string.ascii_lowercase, k=24)) for _ in range(5_000)]
         codes: dict[str, int] = {}
         for start in range(0, len(names), 250):
@@ -109,6 +112,7 @@ def test_made_up_model_names_keep_the_metrics_and_the_state_bounded(served: Serv
                     assert len(exc.details() or "") <= MAX_DETAILS_LENGTH
                 codes[code] = codes.get(code, 0) + 1
     assert codes == {"NOT_FOUND": 5_000}
+    assert len([r for r in caplog.records if r.name.startswith("serving")]) <= 5  # no line per call
     after = _metrics(served)
     assert _series(after) == _series(before)
     assert len(after) < len(before) + 2_000  # counts grow by digits, not by series
