@@ -132,6 +132,13 @@ class ServingSettings(BaseModel):
     max_in_flight: int = Field(
         512, ge=1, description="Requests being answered at once; more are refused with RESOURCE_EXHAUSTED"
     )
+    max_queued_calls: int = Field(
+        32,
+        ge=1,
+        description="Calls gRPC holds for the service before it takes them (it takes one at a time, and "
+        "under overload that is where calls wait); more are refused by gRPC at once, before any work. "
+        "Bounds the wait of every call the service answers: about this many times one call's service time",
+    )
     client_rate_limit: float = Field(
         5000.0, ge=0, description="Requests per second per client id (token bucket); 0 turns it off"
     )
