@@ -186,6 +186,10 @@ def _columns(
     columns = []
     for name in need:
         values = given[name]
+        longest = max(map(len, values))  # before a one-for-all value is repeated: checked once
+        if longest > max_key_length:
+            at = next(i for i, v in enumerate(values) if len(v) == longest)
+            raise _too_long(f'key_columns["{name}"][{at}]', longest, max_key_length)
         if len(values) == 1 and n > 1:
             values = values * n  # one value for every entity
         elif len(values) != n:
@@ -195,9 +199,5 @@ def _columns(
             )
         if "" in values:
             raise InvalidRequestError(f'key_columns["{name}"][{values.index("")}]: empty')
-        longest = max(map(len, values))
-        if longest > max_key_length:
-            at = next(i for i, v in enumerate(values) if len(v) == longest)
-            raise _too_long(f'key_columns["{name}"][{at}]', longest, max_key_length)
         columns.append(values)
     return Entities(dict(zip(need, columns, strict=True)), _labels(columns), shared, None, True)
