@@ -136,7 +136,8 @@ class _Sender:
             self.unencoded += n
             return
         keys = batch.entity_keys
-        if max(map(len, values)) + 4 * max(map(len, keys)) > self.max_bytes:  # 4: UTF-8 at most
+        # A record is its key and its value, which holds the key too: at most twice the value.
+        if 2 * max(map(len, values)) > self.max_bytes:
             fits = [len(v) + len(k.encode()) <= self.max_bytes for v, k in zip(values, keys, strict=True)]
             values = [v for v, ok in zip(values, fits, strict=True) if ok]
             keys = [k for k, ok in zip(keys, fits, strict=True) if ok]
