@@ -106,7 +106,8 @@ def test_earlier_versions_are_what_rollbacks_would_return_to_newest_first() -> N
     assert state.earlier_versions("ctr", "production") == [3, 1, 2]
     state.apply(ev("VERSION_ARCHIVED", 1))
     assert state.earlier_versions("ctr", "production") == [3, 2]
-    assert state.earlier_versions("ctr", "staging") == [] and state.earlier_versions("other", "production") == []
+    assert state.earlier_versions("ctr", "staging") == []
+    assert state.earlier_versions("other", "production") == []
 
 
 def test_fold_after_compaction_keeps_what_matters() -> None:

@@ -57,6 +57,16 @@ def _restart(broker: EmbeddedBroker, settings: Settings, serde: Serde, models: l
     return time.monotonic()
 
 
+def _serve(settings: Settings, spec: ModelSpec, artifact: bytes, pipeline: ModelPipeline) -> ServerThread:
+    """Topics, a registered model, features online, and a server started on them."""
+    TopicCatalog(settings).create_all(AdminClient(client_config(settings)))
+    register(settings, spec, artifact)
+    seed_online_store(settings, feature_values(pipeline, 5), time.time_ns() // 1_000_000)
+    thread = ServerThread(settings)
+    thread.start()
+    return thread
+
+
 def test_the_service_follows_a_restarted_broker_at_the_same_and_at_a_new_address(
     *,
     tmp_path: Path,
@@ -83,12 +93,9 @@ def test_the_service_follows_a_restarted_broker_at_the_same_and_at_a_new_address
     errors: list[BaseException] = []
     caller: threading.Thread | None = None
     try:
-        TopicCatalog(settings).create_all(AdminClient(client_config(settings)))
-        register(settings, ctr_spec, artifacts[0])
-        seed_online_store(settings, feature_values(pipelines[0], 5), time.time_ns() // 1_000_000)
-        thread = ServerThread(settings)
-        target = thread.start().target
-        events = thread.server.events
+        thread = _serve(settings, ctr_spec, artifacts[0], pipelines[0])
+        assert thread.info is not None
+        target, events = thread.info.target, thread.server.events
         assert events is not None
 
         def calls() -> None:
@@ -196,14 +203,11 @@ def test_with_a_configured_address_a_broker_that_forgot_the_producer_is_noticed(
             bootstrap_servers=f"127.0.0.1:{port}",
             serving={"port": 0, "metrics_port": 0, "client_rate_limit": 0.0},
         )
-        TopicCatalog(settings).create_all(AdminClient(client_config(settings)))
-        register(settings, ctr_spec, artifacts[0])
-        seed_online_store(settings, feature_values(pipelines[0], 5), time.time_ns() // 1_000_000)
-        thread = ServerThread(settings)
-        target = thread.start().target
+        thread = _serve(settings, ctr_spec, artifacts[0], pipelines[0])
+        assert thread.info is not None
         events = thread.server.events
         assert events is not None
-        with PredictionClient(target) as client:
+        with PredictionClient(thread.info.target) as client:
 
             def call(n: int = 10) -> None:
                 for _ in range(n):

@@ -7,7 +7,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from features.repository import FeatureRepository
@@ -27,6 +26,7 @@ from tests.serving.conftest import (
     MODEL,
     USERS,
     Served,
+    at_once,
     feature_values,
     offline_rows,
     register,
@@ -282,18 +282,9 @@ def test_rate_limit_and_in_flight_bound_answer_resource_exhausted(
             assert client.predict(MODEL, ENTITY, client_id="polite")[0].model_version == 1  # per client
             # Large calls are scored off the event loop, so several are in flight at once: past one, refused.
             big = [{"user_id": USERS[i % 20], "item_id": ITEMS[i % 30]} for i in range(1000)]
-            calls = [
-                client._call.future(client.request(MODEL, big, client_id=f"c{i}"), timeout=30)
-                for i in range(8)
-            ]
-            codes = []
-            for call in calls:
-                try:
-                    call.result()
-                    codes.append("OK")
-                except grpc.RpcError as exc:
-                    codes.append(exc.code().name)
-                    assert "in flight" in (exc.details() or "")
+            answers = at_once(served, [client.request(MODEL, big, client_id=f"c{i}") for i in range(8)], 30)
+        codes = [code for code, _ in answers]
+        assert all("in flight" in details for code, details in answers if code != "OK")
         assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes
         shed = served.thread.server.metrics.shed
         assert shed.labels("rate_limit")._value.get() >= 4 and shed.labels("in_flight")._value.get() >= 1

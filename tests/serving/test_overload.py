@@ -27,7 +27,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from headwater.client import PredictionError
@@ -35,7 +34,7 @@ from headwater.settings import Settings
 from models.pipeline import ModelPipeline
 from models.spec import ModelSpec
 from serving.api.v1 import prediction_pb2 as pb
-from tests.serving.conftest import ITEMS, MODEL, USERS, Served, serving_settings, start_served
+from tests.serving.conftest import ITEMS, MODEL, USERS, Served, at_once, serving_settings, start_served
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -120,16 +119,9 @@ def _served(
 def _big_calls(served: Served, n: int) -> list[str]:
     """``n`` 1,000-entity calls at once (scored on worker threads: they stay in flight)."""
     entities = [{"user_id": USERS[i % 20], "item_id": ITEMS[i % 30]} for i in range(1_000)]
-    codes = []
     with served.client() as client:
-        calls = [client._call.future(client.request(MODEL, entities), timeout=60) for _ in range(n)]
-        for call in calls:
-            try:
-                call.result()
-                codes.append("OK")
-            except grpc.RpcError as exc:
-                codes.append(exc.code().name)
-    return codes
+        requests = [client.request(MODEL, entities) for _ in range(n)]
+    return [code for code, _ in at_once(served, requests)]
 
 
 def test_three_times_capacity_is_shed_at_once_and_the_calls_taken_stay_fast(
