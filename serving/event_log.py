@@ -15,7 +15,7 @@ could not be encoded, ``too_large`` for an event over the producer's ``message.m
 are logged as one line per ``summary_interval_s`` with the count per reason, never one per
 event: a broker that is down for an hour costs a line every few seconds, not millions.
 
-Alerts (a model that failed to load) go the same way.
+Alerts (a model that failed to load, a fallback to an earlier version) go the same way.
 """
 
 from __future__ import annotations
@@ -254,7 +254,8 @@ class EventLog:
         return True
 
     def alert(self, record: dict[str, Any]) -> None:
-        """Queue an ``alert`` event (never dropped: alerts are rare and matter)."""
+        """Queue an ``alert`` event: never dropped here (alerts are rare and matter); one still in a
+        producer the sender replaces is lost, and logged as an error."""
         with self._lock:
             self._frame("alert", record)
 
