@@ -174,8 +174,9 @@ class Server:
     metrics_url: str
 
 
-def start_server(settings: Any, workdir: Path) -> Server:
-    """``headwater serve`` in a subprocess, on free ports, rate limits off."""
+def start_server(settings: Any, workdir: Path, **overrides: Any) -> Server:
+    """``headwater serve`` in a subprocess, on free ports, rate limits off (``overrides``: more
+    ``serving`` settings)."""
     import yaml
 
     serving = {
@@ -184,6 +185,7 @@ def start_server(settings: Any, workdir: Path) -> Server:
         "client_rate_limit": 0.0,
         "max_in_flight": 4096,
         "default_timeout_ms": 0,
+        **overrides,
     }
     data = settings.model_copy(update={"serving": settings.serving.model_copy(update=serving)})
     config = workdir / "settings.yaml"
@@ -240,8 +242,9 @@ def grpc_bodies(workdir: Path, n_entities: int, count: int) -> list[Path]:
 
 
 def scrape_statuses(metrics_url: str) -> dict[str, float]:
-    """Predict calls answered so far by gRPC status, from the server's Prometheus /metrics, and
-    under ``"events dropped"`` the prediction events it could not log (every reason)."""
+    """Predict calls answered so far by gRPC status, from the server's Prometheus /metrics; under
+    ``"events dropped"`` the prediction events it could not log (every reason), under
+    ``"refused by gRPC"`` the calls gRPC's core refused before the service took them."""
     from urllib.request import urlopen
 
     counts: dict[str, float] = {}
@@ -253,7 +256,20 @@ def scrape_statuses(metrics_url: str) -> dict[str, float]:
                 counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
             elif line.startswith("headwater_serving_events_dropped_total{"):
                 counts["events dropped"] = counts.get("events dropped", 0.0) + float(line.rsplit(" ", 1)[1])
+            elif line.startswith("headwater_serving_refused_by_grpc_total "):
+                counts["refused by gRPC"] = float(line.rsplit(" ", 1)[1])
     return counts
+
+
+def admitted_p99_bound(latencies: list[int], admitted: int) -> float:
+    """An upper bound of the p99 of the ``admitted`` calls among ``latencies`` (all calls, sorted),
+    when which they are is not known (h2load sees HTTP 200 for every gRPC answer): at most 1 %
+    of the admitted calls are slower than their p99, so it is at most the (that many + 1)-th
+    slowest of all. Exact when every call was admitted."""
+    if not admitted or not latencies:
+        return float("nan")
+    above = admitted - 1 - int(0.99 * admitted)
+    return float(latencies[max(0, len(latencies) - 1 - above)])
 
 
 def h2load_binary() -> str:
@@ -324,18 +340,23 @@ def load(
     after = scrape_statuses(server.metrics_url)
     answered = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     dropped = int(answered.pop("events dropped", 0.0))
+    refused = int(answered.pop("refused by gRPC", 0.0))
     latencies.sort()
     calls = len(latencies)
+    ok = int(answered.get("OK", 0.0))
     return {
         "calls": calls,
-        "errors": http_failed + int(sum(v for k, v in answered.items() if k != "OK")),
+        "errors": http_failed + refused + int(sum(v for k, v in answered.items() if k != "OK")),
         "events_dropped": dropped,
-        "grpc_ok": int(answered.get("OK", 0.0)),
+        "grpc_ok": ok,
+        "refused_by_grpc": refused,
         "answered": int(sum(answered.values())),
+        "elapsed_s": elapsed,
         "calls_per_s": calls / elapsed,
         "items_per_s": calls * n_entities / elapsed,
         "p50_ms": latencies[calls // 2] / 1e3 if calls else float("nan"),
         "p99_ms": latencies[min(calls - 1, int(calls * 0.99))] / 1e3 if calls else float("nan"),
+        "admitted_p99_bound_ms": admitted_p99_bound(latencies, min(ok, calls)) / 1e3,
     }
 
 

@@ -161,6 +161,13 @@ class ServingSettings(BaseModel):
     max_in_flight: int = Field(
         512, ge=1, description="Requests being answered at once; more are refused with RESOURCE_EXHAUSTED"
     )
+    max_queued_calls: int = Field(
+        32,
+        ge=1,
+        description="Calls gRPC holds for the service before it takes them (it takes one at a time, and "
+        "under overload that is where calls wait); more are refused by gRPC at once, before any work. "
+        "Bounds the wait of every call the service answers: about this many times one call's service time",
+    )
     client_rate_limit: float = Field(
         5000.0, ge=0, description="Requests per second per client id (token bucket); 0 turns it off"
     )
@@ -168,7 +175,19 @@ class ServingSettings(BaseModel):
         1000, ge=1, description="Token-bucket size per client: requests allowed at once above the rate"
     )
     max_entities: int = Field(1000, ge=1, description="Entities per request; more is INVALID_ARGUMENT")
-    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request accepted")
+    max_id_length: int = Field(
+        256,
+        ge=16,
+        le=100_000,
+        description="Longest entity key value, client_id, trace_id or experiment_id accepted (characters); "
+        "longer is INVALID_ARGUMENT. Identifiers travel in every prediction event, so this bounds an event's "
+        "size (far under the broker's message limit) and the service's per-client state",
+    )
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="Largest request accepted (larger: RESOURCE_EXHAUSTED from gRPC)",
+    )
     default_timeout_ms: int = Field(
         1000, ge=0, description="Deadline of a call that sets none (neither gRPC's nor timeout_ms); 0: none"
     )

@@ -234,13 +234,22 @@ class RegistryState:
     def rollback_target(self, name: str, alias: str) -> int | None:
         """The version a rollback of the alias returns to: the one below the current in its stack,
         skipping archived versions; None when there is none."""
+        earlier = self.earlier_versions(name, alias)
+        return earlier[0] if earlier else None
+
+    def earlier_versions(self, name: str, alias: str) -> list[int]:
+        """The versions the alias would return to, newest first: those below the current one in
+        its stack (promotions push, rollbacks pop, so a version rolled back from is not among
+        them), each once, archived ones skipped. What serving falls back to when the current
+        version cannot be loaded."""
         stack = self._stack.get((name, alias), [])
         versions = self._versions.get(name, {})
+        out: list[int] = []
         for version in reversed(stack[:-1]):
             mv = versions.get(version)
-            if mv is not None and not mv.archived and version != stack[-1]:
-                return version
-        return None
+            if mv is not None and not mv.archived and version != stack[-1] and version not in out:
+                out.append(version)
+        return out
 
     def shadows(self, name: str, alias: str) -> list[int]:
         return list(self._shadows.get((name, alias), []))

@@ -8,10 +8,14 @@ process's GIL. Nothing blocks, and every loss is counted in
 ``headwater_serving_events_dropped_total`` while requests keep being answered:
 ``buffer_full`` when more events than ``capacity`` are waiting (the sender cannot keep up),
 ``broker`` when librdkafka's own bounded queue is full (the broker is down) or it gave up
-delivering a record (``message.timeout.ms``), ``encode`` if a batch could not be encoded,
-``sender`` for what a sender process that died had not sent (a new one is started).
+delivering a record (``message.timeout.ms``), or the sender replaced a producer that could not
+deliver any more (a restarted broker: the sender follows it by itself), ``encode`` if a batch
+could not be encoded, ``too_large`` for an event over the producer's ``message.max.bytes``,
+``sender`` for what a sender process that died had not sent (a new one is started). Losses
+are logged as one line per ``summary_interval_s`` with the count per reason, never one per
+event: a broker that is down for an hour costs a line every few seconds, not millions.
 
-Alerts (a model that failed to load) go the same way.
+Alerts (a model that failed to load, a fallback to an earlier version) go the same way.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ __all__ = ["EventLog"]
 log = logging.getLogger(__name__)
 
 _PIPE_BYTES = 1 << 20  # ~20 100-entity calls in flight to the sender
+_NO_TOTALS = (0, 0, 0, 0)  # delivered, broker, encode, too_large
 
 
 @dataclass(slots=True)
@@ -70,7 +75,8 @@ class _Sender:
         os.set_blocking(self.stdin, False)
         os.set_blocking(self.stdout, False)
         self.encoder_ids: weakref.WeakKeyDictionary[PredictionEncoder, int] = weakref.WeakKeyDictionary()
-        self.totals = (0, 0, 0)  # delivered, broker, encode
+        self.totals = _NO_TOTALS
+        self.last_error = ""  # the sender's last delivery error
         self.ready = False
         self._partial = b""
 
@@ -94,8 +100,9 @@ class _Sender:
         self._partial = lines[-1]
         for line in reversed(lines[:-1]):
             if line:
-                delivered, broker, encode = (int(x) for x in line.split())
-                self.totals = (delivered, broker, encode)
+                fields = line.split(b" ", 4)
+                self.totals = tuple(int(x) for x in fields[:4])  # type: ignore[assignment]
+                self.last_error = fields[4].decode(errors="replace") if len(fields) > 4 else ""
                 self.ready = True
                 return
 
@@ -123,6 +130,7 @@ class EventLog:
         drain_interval_s: float = 0.005,
         flush_timeout_s: float = 5.0,
         restart_interval_s: float = 5.0,
+        summary_interval_s: float = 10.0,
         nice: int = 0,
     ) -> None:
         self.capacity = capacity
@@ -154,11 +162,14 @@ class EventLog:
         self._pending: deque[_Frame] = deque()
         self._batches: list[tuple[int, PredictionBatch]] = []  # submitted, not framed yet
         self._submitted = 0
-        self._base = (0, 0, 0)  # delivered, broker, encode: the totals of senders that ended
+        self._base = _NO_TOTALS  # the totals of senders that ended
         self._lost = 0  # events a sender that died had not sent
-        self._counted = (0, 0, 0)  # delivered, broker, encode already added to the metrics
+        self._counted = _NO_TOTALS  # already added to the metrics
         self.dropped = 0  # buffer full
         self._dropped_counter = metrics.events_dropped.labels("buffer_full")
+        self.summary_interval_s = summary_interval_s
+        self._summary_at = time.monotonic() + summary_interval_s
+        self._summarised: dict[str, int] = {}  # losses by reason at the last summary line
         self.restart_interval_s = restart_interval_s
         self._sender: _Sender | None = None
         self._restart_at = 0.0  # a sender that died is replaced, at most once per interval
@@ -174,8 +185,20 @@ class EventLog:
 
     @property
     def failed(self) -> int:
-        """Events lost past the buffer: refused or not delivered, not encoded, or with a sender that died."""
-        return self._counted[1] + self._counted[2] + self._lost
+        """Events lost past the buffer: refused or not delivered, not encoded or too large, or with a
+        sender that died."""
+        return self._counted[1] + self._counted[2] + self._counted[3] + self._lost
+
+    def losses(self) -> dict[str, int]:
+        """Events lost so far, by reason (the labels of ``events_dropped``)."""
+        _, broker, encode, too_large = self._counted
+        return {
+            "buffer_full": self.dropped,
+            "broker": broker,
+            "encode": encode,
+            "too_large": too_large,
+            "sender": self._lost,
+        }
 
     @property
     def backlog(self) -> int:
@@ -231,7 +254,8 @@ class EventLog:
         return True
 
     def alert(self, record: dict[str, Any]) -> None:
-        """Queue an ``alert`` event (never dropped: alerts are rare and matter)."""
+        """Queue an ``alert`` event: never dropped here (alerts are rare and matter); one still in a
+        producer the sender replaces is lost, and logged as an error."""
         with self._lock:
             self._frame("alert", record)
 
@@ -274,6 +298,26 @@ class EventLog:
             if not alive and not self._stop.is_set():
                 self._restart(sender)
         self.metrics.event_backlog.set(self.backlog)
+        if time.monotonic() >= self._summary_at:
+            self._summarise()
+
+    def _summarise(self) -> None:
+        """One log line for every event lost since the last one, by reason; none if nothing was."""
+        self._summary_at = time.monotonic() + self.summary_interval_s
+        losses = self.losses()
+        new = {reason: n - self._summarised.get(reason, 0) for reason, n in losses.items()}
+        self._summarised = losses
+        if any(new.values()):
+            sender = self._sender
+            last = sender.last_error if sender is not None else ""
+            log.warning(
+                "event log: %d prediction events lost in the last %.0fs (%s)%s; backlog %d",
+                sum(new.values()),
+                self.summary_interval_s,
+                ", ".join(f"{reason} {n}" for reason, n in new.items() if n),
+                f"; last delivery error: {last}" if last else "",
+                self.backlog,
+            )
 
     def _write(self, sender: _Sender) -> bool:
         pending = self._pending
@@ -294,15 +338,16 @@ class EventLog:
 
     def _account(self, sender: _Sender) -> None:
         """Counts and metrics from the sender's running totals."""
-        sent, broker, encode = (b + t for b, t in zip(self._base, sender.totals, strict=True))
-        done_sent, done_broker, done_encode = self._counted
-        if sent > done_sent:
-            self.metrics.events_sent.inc(sent - done_sent)
-        if broker > done_broker:
-            self.metrics.events_dropped.labels("broker").inc(broker - done_broker)
-        if encode > done_encode:
-            self.metrics.events_dropped.labels("encode").inc(encode - done_encode)
-        self._counted = (sent, broker, encode)
+        totals = tuple(b + t for b, t in zip(self._base, sender.totals, strict=True))
+        if totals != self._counted:
+            sent, *lost = totals
+            done_sent, *done_lost = self._counted
+            if sent > done_sent:
+                self.metrics.events_sent.inc(sent - done_sent)
+            for reason, n, done in zip(("broker", "encode", "too_large"), lost, done_lost, strict=True):
+                if n > done:
+                    self.metrics.events_dropped.labels(reason).inc(n - done)
+            self._counted = totals  # type: ignore[assignment]
 
     def _restart(self, sender: _Sender) -> None:
         """The sender died: what it had not delivered is lost (counted); a new one takes over."""

@@ -7,9 +7,18 @@ test process never collide). Labelled children are looked up once per label set 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
 
-__all__ = ["ServingMetrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["RefusedByGrpc", "ServingMetrics", "grpc_server_ids"]
+
+log = logging.getLogger(__name__)
 
 # Latency buckets in seconds: sub-millisecond resolution where the service lives.
 _LATENCY_BUCKETS = (
@@ -95,13 +104,17 @@ class ServingMetrics:
         )
         self.events_dropped = Counter(
             "headwater_serving_events_dropped_total",
-            "Prediction events that could not be logged: buffer_full, broker (delivery failed), encode",
+            "Prediction events that could not be logged, by reason: buffer_full (the sender is behind), "
+            "broker (refused or not delivered), encode, too_large (over the producer's message.max.bytes), "
+            "sender (held by a sender process that died)",
             ["reason"],
             registry=r,
         )
         self.shadow_skipped = Counter(
             "headwater_serving_shadow_skipped_total", "Requests not shadow-scored (queue full)", registry=r
         )
+        self.refused_by_grpc = RefusedByGrpc()  # the server sets its server id and in-flight count
+        r.register(self.refused_by_grpc)
         # Cached children of the hot-path metrics.
         self._latency_children: dict[tuple[str, str, str], Histogram] = {}
         self._fetch_children: dict[str, Histogram] = {}
@@ -129,3 +142,58 @@ class ServingMetrics:
         """Start ``/metrics`` on a daemon thread; returns the bound port (``port=0`` picks one)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return int(server.server_address[1])
+
+
+def _channelz(call: str, *args: int) -> dict[str, Any] | None:
+    """gRPC's own channelz statistics (its cygrpc functions: what the channelz service reads),
+    None where this gRPC build does not have them."""
+    try:
+        from grpc._cython import cygrpc
+
+        return dict(json.loads(getattr(cygrpc, call)(*args)))
+    except Exception as exc:  # a private API: its absence costs a metric, never the service
+        log.debug("channelz %s unavailable: %s", call, exc)
+        return None
+
+
+def grpc_server_ids() -> set[int]:
+    """The channelz ids of the gRPC servers of this process."""
+    data = _channelz("channelz_get_servers", 0)
+    servers = data.get("server", []) if data else []
+    return {int(s["ref"]["serverId"]) for s in servers}
+
+
+class RefusedByGrpc(Collector):
+    """``headwater_serving_refused_by_grpc_total``: calls that ended before the service took them.
+
+    gRPC's core refuses a call at once when ``serving.max_queued_calls`` wait already; the
+    service never sees it, but channelz counts calls started, succeeded and failed on the
+    server, and a call refused there is neither. So: started - succeeded - failed - calls
+    still open (those in the service; ones waiting in the queue at the time of the scrape are
+    counted too, at most ``max_queued_calls``, which is why the total only ever grows).
+    A call whose client gave up while it waited is counted here too: it was not served either.
+    """
+
+    def __init__(self) -> None:
+        self.server_id: int | None = None  # set by the server once it runs
+        self.in_flight: Callable[[], int] = lambda: 0  # calls in the service's handlers
+        self._total = 0
+
+    def collect(self) -> Iterator[Metric]:
+        if self.server_id is None:
+            return
+        data = _channelz("channelz_get_server", self.server_id)
+        server = data.get("server") if data else None
+        if not isinstance(server, dict):
+            return
+        calls = server.get("data", {})
+        started, succeeded, failed = (
+            int(calls.get(k, 0)) for k in ("callsStarted", "callsSucceeded", "callsFailed")
+        )
+        self._total = max(self._total, started - succeeded - failed - self.in_flight())
+        yield CounterMetricFamily(
+            "headwater_serving_refused_by_grpc",
+            "Calls that ended before the service took them: refused by gRPC because serving.max_queued_calls "
+            "were waiting already, or given up by their client while waiting",
+            value=self._total,
+        )

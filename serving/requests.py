@@ -6,7 +6,9 @@ feature reads take), rows built only when the pipeline needs them.
 
 Errors name the field of the request that is wrong, as the client wrote it
 (``entities[3].keys``, ``key_columns["item_id"]``, ``request_features["position"]``), and say
-what the model needs.
+what the model needs. Key values longer than ``max_key_length`` are refused (the service's
+``serving.max_id_length``): keys travel in every prediction event and its Kafka key, so this
+is what keeps an event under the broker's message limit whatever a client sends.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def _labels(columns: list[list[str]]) -> list[str]:
     return ["|".join(values) for values in zip(*columns, strict=True)]
 
 
-def parse_entities(request: Any, model: LoadedModel, max_entities: int) -> Entities:
+def parse_entities(request: Any, model: LoadedModel, max_entities: int, max_key_length: int) -> Entities:
     """The request's entities for ``model``: its keys, and request fields."""
     wanted = frozenset(model.request_fields)
     shared: dict[str, Any] = {}
@@ -110,8 +112,14 @@ def parse_entities(request: Any, model: LoadedModel, max_entities: int) -> Entit
     if request.key_columns:
         if request.entities:
             raise InvalidRequestError("entities and key_columns: both given; send the entities one way")
-        return _columns(request, model, max_entities, shared)
-    return _rows(request, model, max_entities, shared, wanted)
+        return _columns(request, model, max_entities, max_key_length, shared)
+    return _rows(request, model, max_entities, max_key_length, shared, wanted)
+
+
+def _too_long(where: str, length: int, max_key_length: int) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"{where}: {length} characters; a key value is at most {max_key_length} (serving.max_id_length)"
+    )
 
 
 def _count(n: int, model: LoadedModel, max_entities: int) -> None:
@@ -124,8 +132,13 @@ def _count(n: int, model: LoadedModel, max_entities: int) -> None:
         raise InvalidRequestError(f"entities: {n} in one request, at most {max_entities}: split the request")
 
 
-def _rows(
-    request: Any, model: LoadedModel, max_entities: int, shared: dict[str, Any], wanted: frozenset[str]
+def _rows(  # noqa: PLR0917 - private, called once
+    request: Any,
+    model: LoadedModel,
+    max_entities: int,
+    max_key_length: int,
+    shared: dict[str, Any],
+    wanted: frozenset[str],
 ) -> Entities:
     entities = request.entities
     _count(len(entities), model, max_entities)
@@ -142,6 +155,8 @@ def _rows(
                     f"entities[{i}].keys: {name!r} is missing or empty; model {model.name} needs "
                     f"{', '.join(need)}"
                 )
+            if len(value) > max_key_length:
+                raise _too_long(f'entities[{i}].keys["{name}"]', len(value), max_key_length)
             add(value)
         if entity.features and wanted:
             own: dict[str, Any] = {}
@@ -152,7 +167,9 @@ def _rows(
     return Entities(dict(zip(need, columns, strict=True)), _labels(columns), shared, fields, False)
 
 
-def _columns(request: Any, model: LoadedModel, max_entities: int, shared: dict[str, Any]) -> Entities:
+def _columns(
+    request: Any, model: LoadedModel, max_entities: int, max_key_length: int, shared: dict[str, Any]
+) -> Entities:
     given: dict[str, list[str]] = {}
     for column in request.key_columns:
         if column.name in given:
@@ -169,6 +186,10 @@ def _columns(request: Any, model: LoadedModel, max_entities: int, shared: dict[s
     columns = []
     for name in need:
         values = given[name]
+        longest = max(map(len, values))  # before a one-for-all value is repeated: checked once
+        if longest > max_key_length:
+            at = next(i for i, v in enumerate(values) if len(v) == longest)
+            raise _too_long(f'key_columns["{name}"][{at}]', longest, max_key_length)
         if len(values) == 1 and n > 1:
             values = values * n  # one value for every entity
         elif len(values) != n:

@@ -11,8 +11,16 @@ nothing for it: no lock, no failed in-flight call.
 
 A version that fails to load (tampered artifact, incompatible code) is not published: the
 alias keeps serving the version it served before, an ``alert`` event is sent and
-``model_load_failures`` counted. Versions asked for by number (``name:7``) that no alias
-points at are loaded on first use (:meth:`ModelRuntime.load_version`).
+``model_load_failures`` counted. A service that starts with nothing served before (a restart)
+falls back to the newest loadable of the alias's earlier versions
+(:meth:`registry.state.RegistryState.earlier_versions`: what a rollback would return to) and
+raises a CRITICAL ``model_fallback`` alert, rather than serving nothing. Versions asked for by
+number (``name:7``) that no alias points at are loaded on first use
+(:meth:`ModelRuntime.load_version`).
+
+When ``headwater up`` starts the embedded broker again (it restores ``models`` from the lake),
+the runtime reads the registry from the new broker (:class:`serving.broker_watch.BrokerWatch`):
+events it applied before are recognised by their id, so only what is new changes anything.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 
 from features.repository import FeatureRepository
 from headwater.errors import HeadwaterError
@@ -38,10 +48,13 @@ from models.pipeline import ModelPipeline
 from registry.artifacts import ArtifactStore
 from registry.state import ModelVersion, RegistryState
 from serving.assemble import ColumnarAssembler
+from serving.broker_watch import BrokerWatch
 from serving.events import PredictionEncoder, prediction_header
 from streams.consumer import Event
+from streams.kafka import client_config
 from streams.serde import Serde
 from streams.state import CompactedState
+from streams.topics import TopicCatalog
 
 __all__ = ["FeatureRead", "LoadedModel", "ModelRuntime", "Routes", "build_loaded", "new_alert"]
 
@@ -151,6 +164,7 @@ class ModelRuntime:
         on_loaded: Callable[[LoadedModel], None] | None = None,
         on_failed: Callable[[ModelVersion, BaseException], None] | None = None,
         on_published: Callable[[Routes], None] | None = None,
+        on_fallback: Callable[[str, str, int, LoadedModel], None] | None = None,
     ) -> None:
         self.settings = settings
         self.serde = serde
@@ -160,6 +174,8 @@ class ModelRuntime:
         self._on_loaded = on_loaded
         self._on_failed = on_failed
         self._on_published = on_published
+        self._on_fallback = on_fallback
+        self._fell_back: set[tuple[str, str, int, int]] = set()  # alerted once each
         self._state = RegistryState()  # touched by the reader thread's callback, under _lock
         self._lock = threading.Lock()
         self._loaded: dict[tuple[str, int, str], LoadedModel] = {}  # loader thread only
@@ -168,14 +184,49 @@ class ModelRuntime:
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
         self._reader: CompactedState | None = None
         self._dirty = threading.Event()
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
         self.generation = 0  # routes published so far (tests wait on it)
 
     def start(self, timeout_s: float = 60.0) -> ModelRuntime:
         """Read the registry to its end and load what it points at before returning."""
-        self._reader = CompactedState(self.settings, self.serde, "models", on_change=self._on_change).start()
+        watch = BrokerWatch(self.settings)
+        self._reader = self._read_registry()
         self._reader.wait_until_caught_up(timeout_s)
         self._loader.submit(self._reconcile).result(timeout_s)
+        if watch.watching:
+            self._watcher = threading.Thread(
+                target=self._follow_broker, args=(watch,), name="registry-broker", daemon=True
+            )
+            self._watcher.start()
         return self
+
+    def _read_registry(self) -> CompactedState:
+        return CompactedState(self.settings, self.serde, "models", on_change=self._on_change).start()
+
+    def _follow_broker(self, watch: BrokerWatch) -> None:
+        """Read the registry from each new embedded broker, once its ``models`` topic exists."""
+        moved = False
+        while not self._stopping.wait(watch.interval_s):
+            moved = watch.changed() or moved
+            if moved and self._registry_topic_exists():
+                old, self._reader = self._reader, self._read_registry()
+                if old is not None:
+                    old.stop()
+                moved = False
+                log.info(
+                    "registry: reading models from the new broker at %s",
+                    watch.current and watch.current.bootstrap,
+                )
+
+    def _registry_topic_exists(self) -> bool:
+        name = TopicCatalog(self.settings).name("models")
+        try:
+            metadata = AdminClient(client_config(self.settings)).list_topics(name, timeout=2.0)
+        except (KafkaException, HeadwaterError):
+            return False
+        topic = metadata.topics.get(name)
+        return topic is not None and topic.error is None
 
     def _on_change(self, _key: str, record: dict[str, Any] | None, _event: Event) -> None:
         if record is None:
@@ -206,6 +257,13 @@ class ModelRuntime:
                 mv = self._find(state, name, version)
                 if mv is not None and not mv.archived:
                     wanted[(name, version)] = mv
+            earlier = {
+                (name, alias): [
+                    mv for v in state.earlier_versions(name, alias) if (mv := self._find(state, name, v))
+                ]
+                for name, pointers in known.items()
+                for alias in pointers
+            }
         loaded = {key: self._load(mv) for key, mv in wanted.items()}
         previous = self.routes
         aliases: dict[tuple[str, str], LoadedModel] = {}
@@ -214,6 +272,8 @@ class ModelRuntime:
                 model = loaded.get((name, version))
                 if model is None and (name, alias) in previous.aliases:
                     model = previous.aliases[(name, alias)]  # the new version failed: keep the old one
+                elif model is None:
+                    model = self._fall_back(name, alias, version, earlier[(name, alias)], loaded)
                 if model is not None:
                     aliases[(name, alias)] = model
         versions = {(m.name, m.version): m for m in loaded.values() if m is not None}
@@ -228,6 +288,36 @@ class ModelRuntime:
         # Forget what nothing points at any more (the routes above hold what still serves).
         live = {(m.name, m.version, m.sha256) for m in versions.values()}
         self._loaded = {k: v for k, v in self._loaded.items() if k in live}
+
+    def _fall_back(
+        self,
+        name: str,
+        alias: str,
+        failed: int,
+        earlier: list[ModelVersion],
+        loaded: dict[tuple[str, int], LoadedModel | None],
+    ) -> LoadedModel | None:
+        """The newest of the alias's earlier versions that loads (sha256 checked like any other),
+        for an alias whose version failed with nothing served before; None if none loads."""
+        for mv in earlier:
+            model = loaded.get((name, mv.version)) or self._load(mv)
+            if model is None:
+                continue
+            loaded[(name, mv.version)] = model
+            key = (name, alias, failed, mv.version)
+            if key not in self._fell_back:
+                self._fell_back.add(key)
+                log.critical(
+                    "model_fallback ref=%s@%s failed_version=%d serving_version=%d",
+                    name,
+                    alias,
+                    failed,
+                    mv.version,
+                )
+                if self._on_fallback is not None:
+                    self._on_fallback(name, alias, failed, model)
+            return model
+        return None
 
     @staticmethod
     def _find(state: RegistryState, name: str, version: int) -> ModelVersion | None:
@@ -294,6 +384,10 @@ class ModelRuntime:
         return next((err for (n, v, _), err in self._failed.items() if (n, v) == (name, version)), None)
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join(5.0)
+            self._watcher = None
         if self._reader is not None:
             self._reader.stop()
             self._reader = None

@@ -31,7 +31,7 @@ from serving import READY_LINE
 from serving.api.v1 import SERVICE_NAME, prediction_pb2
 from serving.event_log import EventLog
 from serving.limits import limit_threads
-from serving.metrics import ServingMetrics
+from serving.metrics import ServingMetrics, grpc_server_ids
 from serving.online_store import OnlineStore, open_online_store
 from serving.runtime import LoadedModel, ModelRuntime, Routes, new_alert
 from serving.service import PredictionService
@@ -117,6 +117,7 @@ class PredictionServer:
             on_loaded=self._loaded,
             on_failed=self._failed,
             on_published=self._published,
+            on_fallback=self._fell_back,
         )
         await asyncio.get_running_loop().run_in_executor(None, self.runtime.start)
         self.shadow = ShadowScorer(
@@ -125,6 +126,7 @@ class PredictionServer:
             self.metrics,
             capacity=cfg.shadow_queue,
             max_entities=cfg.max_entities,
+            max_key_length=cfg.max_id_length,
             model_threads=cfg.model_threads,
         ).start()
         self.service = PredictionService(
@@ -136,14 +138,26 @@ class PredictionServer:
             shadow=self.shadow,
             tokens=tokens,
         )
+        servers_before = grpc_server_ids()
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.so_reuseport", 0),
-                # A backstop behind the service's own bound (which counts and reports what it
-                # sheds), wide enough not to pre-empt it: streams per connection, enforced by
-                # gRPC's core. Not ``maximum_concurrent_rpcs``: its Python-side limiter adds an
-                # asyncio condition and a task to every call (~10 % of an empty handler's calls/s).
+                # The queue that matters under overload is in gRPC's core: the asyncio server takes
+                # one call at a time from it, so calls beyond what the event loop keeps up with wait
+                # there, invisible to the handler (its in-flight count stays at a few), and were
+                # answered seconds late (default bounds: 1,000 then 3,000). Bounded here, the core
+                # refuses the excess at once, in C: no Python work, so the calls taken keep the
+                # server's full throughput and wait at most this many calls' service time. Refusing
+                # them in Python instead costs about half a call each (grpc's per-call machinery),
+                # which at 3x capacity leaves no time for the calls admitted. Soft = hard limit:
+                # deterministic, rather than gRPC's random early drop between the two.
+                ("grpc.server.max_pending_requests", cfg.max_queued_calls),
+                ("grpc.server.max_pending_requests_hard_limit", cfg.max_queued_calls),
+                # Streams per connection, a backstop behind the service's own in-flight bound
+                # (which counts and reports what it sheds). Not ``maximum_concurrent_rpcs``: its
+                # Python-side limiter adds an asyncio condition and a task to every call (~10 % of
+                # an empty handler's calls/s).
                 ("grpc.max_concurrent_streams", cfg.max_in_flight + max(64, cfg.max_in_flight)),
             ],
         )
@@ -183,6 +197,11 @@ class PredictionServer:
         gc.freeze()
         await server.start()
         self._server = server
+        ours = grpc_server_ids() - servers_before
+        if len(ours) == 1:  # another server started meanwhile in this process: no such count
+            self.metrics.refused_by_grpc.server_id = ours.pop()
+            service = self.service
+            self.metrics.refused_by_grpc.in_flight = lambda: service.in_flight.count
         metrics_port = self.metrics.serve_http(cfg.host, cfg.metrics_port)
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -215,6 +234,25 @@ class PredictionServer:
                         "version": str(mv.version),
                         "sha256": mv.artifact_sha256,
                         "error": type(exc).__name__,
+                    },
+                )
+            )
+
+    def _fell_back(self, name: str, alias: str, failed: int, model: LoadedModel) -> None:
+        if self.events is not None:
+            why = self.runtime.failure(name, failed) if self.runtime is not None else None
+            self.events.alert(
+                new_alert(
+                    "model_fallback",
+                    f"{name}@{alias}",
+                    f"{name}@{alias} points at version {failed}, which cannot be loaded ({why}); serving "
+                    f"version {model.version} instead, the newest loadable earlier version of the alias. "
+                    "Fix or replace the artifact, or roll the alias back",
+                    {
+                        "model": name,
+                        "alias": alias,
+                        "failed_version": str(failed),
+                        "serving_version": str(model.version),
                     },
                 )
             )

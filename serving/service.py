@@ -8,6 +8,11 @@ on a worker thread for large ones (so one 1,000-entity call does not hold every 
 behind it), the response, one event batch handed to the event log, and the same request
 queued for the shadow versions of the alias. Nothing after the deadline: it is checked
 between stages.
+
+Nothing a client sends grows what the service keeps or says without bound: identifiers are
+at most ``serving.max_id_length`` characters, model references ``MAX_REF_LENGTH``; the
+``model`` label of the metrics is a model the registry knows or ``"unknown"``; error details
+are cut to ``MAX_DETAILS_LENGTH`` characters.
 """
 
 from __future__ import annotations
@@ -37,7 +42,13 @@ from serving.runtime import LoadedModel, ModelRuntime, Routes
 from serving.scoring import DeadlineExceeded, Scored, event_batch, score_entities
 from serving.shadow import ShadowScorer
 
-__all__ = ["INLINE_MAX_ENTITIES", "PredictionService"]
+__all__ = [
+    "INLINE_MAX_ENTITIES",
+    "MAX_DETAILS_LENGTH",
+    "MAX_REF_LENGTH",
+    "UNKNOWN_MODEL",
+    "PredictionService",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +57,16 @@ log = logging.getLogger(__name__)
 #: only hand-offs (measured on 100-entity calls: +25 % items/s inline).
 INLINE_MAX_ENTITIES = 256
 _MAX_CACHED_REFS = 10_000
+MAX_REF_LENGTH = 200  # a model reference longer than this is refused (names are short)
+MAX_DETAILS_LENGTH = 400  # error details sent to clients, cut beyond
+UNKNOWN_MODEL = "unknown"  # the metrics' model label of a call naming no model the registry knows
+
+
+def bounded(text: str, limit: int = MAX_DETAILS_LENGTH) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was cut (it may quote client input)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 40]}... ({len(text) - limit + 40} more characters)"
 
 
 class _Refused(Exception):  # noqa: N818 - control flow: becomes the call's status
@@ -78,6 +99,7 @@ class PredictionService:
         self.in_flight = InFlight(settings.max_in_flight)
         self.limits = ClientRateLimits(settings.client_rate_limit, settings.client_burst)
         self._tokens = [t.encode() for t in tokens]
+        self._max_id = settings.max_id_length
         self._pool = ThreadPoolExecutor(
             2, thread_name_prefix="score", initializer=limit_threads, initargs=(settings.model_threads,)
         )
@@ -106,7 +128,7 @@ class PredictionService:
                 model = routes.versions.get((name, version))
             if model is None:
                 model = await self._not_loaded(routes, request.model, name, alias, version)
-            entities = parse_entities(request, model, self.settings.max_entities)
+            entities = parse_entities(request, model, self.settings.max_entities, self._max_id)
             shadows = routes.shadows.get((name, alias)) if alias is not None else None
             if shadows:
                 self.shadow.submit(shadows, request)
@@ -124,10 +146,10 @@ class PredictionService:
             return self._respond(request, model, entities, scored, now_ms=now_ms, started=started)
         except _Refused as exc:
             status = exc.code.name
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, bounded(exc.message))
         except InvalidRequestError as exc:
             status = "INVALID_ARGUMENT"
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(str(exc)))
         except DeadlineExceeded as exc:
             status = "DEADLINE_EXCEEDED"
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed {exc}; no answer")
@@ -135,13 +157,15 @@ class PredictionService:
             if isinstance(exc, asyncio.CancelledError | grpc.aio.AbortError):
                 raise
             status = "INTERNAL"
-            log.exception("predict_failed model=%s", request.model)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            log.exception("predict_failed model=%s", bounded(request.model, 100))
+            await context.abort(
+                grpc.StatusCode.INTERNAL, bounded(f"internal error: {type(exc).__name__}: {exc}")
+            )
         finally:
             if entered:
                 self.in_flight.leave()
             self.metrics.observe_request(
-                model.name if model else request.model[:64],
+                model.name if model else self._model_label(request.model),
                 model.version_label if model else "",
                 status,
                 time.perf_counter() - started,
@@ -151,9 +175,16 @@ class PredictionService:
 
     # -- admission -------------------------------------------------------------------------------
     def _admit(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> bool:
-        """Token, in-flight bound, the client's rate: True once counted in flight."""
+        """Token, identifiers' lengths, in-flight bound, the client's rate: True once counted in flight."""
         if self._tokens:
             self._authenticate(context)
+        limit = self._max_id
+        if (
+            len(request.client_id) > limit
+            or len(request.trace_id) > limit
+            or len(request.experiment_id) > limit
+        ):
+            self._too_long(request)
         if not self.in_flight.enter():
             self.metrics.shed.labels("in_flight").inc()
             raise _Refused(
@@ -170,6 +201,14 @@ class PredictionService:
                 "retry with backoff",
             )
         return True
+
+    def _too_long(self, request: pb.PredictRequest) -> None:
+        for field in ("client_id", "trace_id", "experiment_id"):
+            length = len(getattr(request, field))
+            if length > self._max_id:
+                raise InvalidRequestError(
+                    f"{field}: {length} characters; at most {self._max_id} (serving.max_id_length)"
+                )
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
         header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
@@ -205,6 +244,10 @@ class PredictionService:
         if parsed is None:
             if not ref:
                 raise InvalidRequestError("model: empty; write name, name@alias or name:version")
+            if len(ref) > MAX_REF_LENGTH:
+                raise InvalidRequestError(
+                    f"model: {len(ref)} characters; a reference is at most {MAX_REF_LENGTH}"
+                )
             try:
                 parsed = parse_ref(ref)
             except ConfigError as exc:
@@ -213,6 +256,16 @@ class PredictionService:
                 self._refs.clear()
             self._refs[ref] = parsed
         return parsed
+
+    def _model_label(self, ref: str) -> str:
+        """The metrics' model label of a call that resolved no version: the model's name if the
+        registry knows it, else ``UNKNOWN_MODEL`` (never a client's text: one series per name)."""
+        parsed = self._refs.get(ref)
+        if parsed is not None:
+            routes = self.runtime.routes
+            if parsed[0] in routes.known or parsed[0] in routes.registered:
+                return parsed[0]
+        return UNKNOWN_MODEL
 
     async def _not_loaded(
         self, routes: Routes, ref: str, name: str, alias: str | None, version: int | None

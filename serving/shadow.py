@@ -42,12 +42,14 @@ class ShadowScorer:
         *,
         capacity: int,
         max_entities: int,
+        max_key_length: int,
         model_threads: int = 1,
     ) -> None:
         self.store = store
         self.events = event_log
         self.metrics = metrics
         self.max_entities = max_entities
+        self.max_key_length = max_key_length
         self.model_threads = model_threads
         self._queue: queue.Queue[tuple[tuple[LoadedModel, ...], Any] | None] = queue.Queue(capacity)
         self._thread: threading.Thread | None = None
@@ -84,7 +86,7 @@ class ShadowScorer:
 
     def _score(self, model: LoadedModel, request: Any) -> None:
         started = time.perf_counter()
-        entities = parse_entities(request, model, self.max_entities)
+        entities = parse_entities(request, model, self.max_entities, self.max_key_length)
         now_ms = time.time_ns() // 1_000_000
         scored = score_entities(model, entities, self.store, None, now_ms=now_ms, deadline=None)
         ids = [f"{self._id_prefix}{next(self._ids):010x}" for _ in range(len(entities))]

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from headwater.errors import HeadwaterError
 from headwater.settings import Settings
@@ -46,8 +46,12 @@ class EventProducer:
         *,
         client_id: str = "headwater",
         config: dict[str, Any] | None = None,
+        log_failures: bool = True,
     ) -> None:
+        """``log_failures=False``: no log line per failed delivery (``failed`` and ``last_error``
+        still count them), for a caller that reports its losses itself, one line per interval."""
         self.serde = serde
+        self.log_failures = log_failures
         self.topics = TopicCatalog(settings)
         conf = client_config(
             settings,
@@ -78,7 +82,8 @@ class EventProducer:
             return
         self.failed += 1
         self.last_error = err
-        log.error("delivery to %s [%s] failed: %s", msg.topic(), msg.partition(), err)
+        if self.log_failures:
+            log.error("delivery to %s [%s] failed: %s", msg.topic(), msg.partition(), err)
 
     def send(
         self,
@@ -159,15 +164,21 @@ class EventProducer:
         headers: list[tuple[str, str | bytes | None]] | None = None,
     ) -> int:
         """:meth:`send_raw` for many records (``values[i]`` keyed by ``keys[i]``) that never waits:
-        returns how many librdkafka refused because its bounded queue is full (the broker is
-        away or slow), so the caller can count drops and go on. The per-record Python work is
-        the ``produce`` call alone."""
+        returns how many librdkafka refused, because its bounded queue is full (the broker is
+        away or slow) or it will not take that record (larger than ``message.max.bytes``), so
+        the caller can count drops and go on. A fatal error (the producer is unusable: make a
+        new one) raises. The per-record Python work is the ``produce`` call alone."""
         produce, on_delivery = self._producer.produce, self._on_delivery
         refused = 0
         for key, value in zip(keys, values, strict=True):
             try:
                 produce(topic_name, value, key, headers=headers, on_delivery=on_delivery)
             except BufferError:
+                refused += 1
+            except KafkaException as exc:
+                if exc.args[0].fatal():
+                    raise
+                self.last_error = exc.args[0]
                 refused += 1
         return refused
 
@@ -196,6 +207,14 @@ class EventProducer:
         remain (a caller that counts its losses, such as the event log's sender)."""
         remaining: int = self._producer.flush(timeout_s)
         return remaining
+
+    def purge(self) -> int:
+        """Drop every record not delivered yet (each counted in ``failed``), without waiting for
+        the broker: before this producer is replaced. Returns how many were dropped."""
+        before = self.failed
+        self._producer.purge()
+        self._producer.poll(0)  # their delivery reports, with _PURGE_QUEUE / _PURGE_INFLIGHT
+        return self.failed - before
 
     def close(self) -> None:
         self._producer.flush(5.0)

@@ -95,6 +95,21 @@ def test_rollback_skips_archived_versions() -> None:
     assert state.rollback_target("ctr", "production") == 1
 
 
+def test_earlier_versions_are_what_rollbacks_would_return_to_newest_first() -> None:
+    state = RegistryState([ev("VERSION_REGISTERED", v) for v in (1, 2, 3, 4, 5)])
+    for v in (1, 2, 1, 3, 4):
+        promoted(state, v)
+    assert state.earlier_versions("ctr", "production") == [3, 1, 2]  # each once, newest first
+    promoted(state, 5)
+    promoted(state, 4, meta={"rollback": True})  # 5 was rolled back from: never a fallback
+    assert state.alias("ctr", "production") == 4
+    assert state.earlier_versions("ctr", "production") == [3, 1, 2]
+    state.apply(ev("VERSION_ARCHIVED", 1))
+    assert state.earlier_versions("ctr", "production") == [3, 2]
+    assert state.earlier_versions("ctr", "staging") == []
+    assert state.earlier_versions("other", "production") == []
+
+
 def test_fold_after_compaction_keeps_what_matters() -> None:
     """Only the last record per key survives compaction: the archive event and the last move."""
     archived = ev("VERSION_ARCHIVED", 1, meta={"registered_at": 5, "owner": "ml"})

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pandas as pd
 import pytest
@@ -138,6 +139,20 @@ def start_served(settings: Settings, spec: ModelSpec, artifact: bytes, pipeline:
     thread = ServerThread(settings)
     info = thread.start()
     return Served(settings, info, thread, values, event_time_ms, mv)
+
+
+def at_once(served: Served, requests: list[Any], timeout_s: float = 60.0) -> list[tuple[str, str]]:
+    """Send ``requests`` all at once on one channel: each one's status name and details."""
+    out = []
+    with served.client() as client:
+        calls = [client._call.future(request, timeout=timeout_s) for request in requests]
+        for call in calls:
+            try:
+                call.result()
+                out.append(("OK", ""))
+            except grpc.RpcError as exc:
+                out.append((exc.code().name, exc.details() or ""))
+    return out
 
 
 def offline_rows(

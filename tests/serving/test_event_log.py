@@ -83,3 +83,22 @@ def test_a_sender_that_dies_is_counted_and_replaced(
         log.close()
     ids = {e.record["prediction_id"] for e in read(settings, serde, lambda got: len(got) >= 8)}
     assert ids == {*(f"before-{i}" for i in range(5)), *(f"after-{i}" for i in range(3))}
+
+
+def test_an_event_over_the_message_limit_is_counted_and_the_sender_goes_on(
+    settings: Settings, serde: Serde, encoder: PredictionEncoder
+) -> None:
+    metrics = ServingMetrics()
+    log = EventLog(settings, metrics, capacity=1_000, producer_config={"message.max.bytes": 20_000}).start()
+    sender = log._sender
+    assert sender is not None
+    rng = np.random.default_rng(3)
+    keys = ["u1|i1", "u" * 30_000, "u2|i2"]  # the middle one cannot be produced
+    assert log.submit(encoder, batch(rng, 3, prediction_ids=["a", "big", "b"], entity_keys=keys))
+    assert log.submit(encoder, batch(rng, 2, prediction_ids=["c", "d"]))
+    log.close()
+    assert sender.proc.returncode == 0  # it never died
+    assert (log.sent, log.failed, log.backlog) == (4, 1, 0)
+    assert log.losses()["too_large"] == 1 and metrics.events_dropped.labels("too_large")._value.get() == 1
+    ids = {e.record["prediction_id"] for e in read(settings, serde, lambda got: len(got) >= 4)}
+    assert ids == {"a", "b", "c", "d"}

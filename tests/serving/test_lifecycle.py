@@ -7,11 +7,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
+from features.repository import FeatureRepository
 from headwater.client import PredictionClient, PredictionError
 from headwater.settings import Settings
+from models.artifact import dump_pipeline
 from models.pipeline import ModelPipeline
 from models.spec import ModelSpec
 from registry.registry import Registry
@@ -20,7 +21,20 @@ from serving.server import ServerThread
 from streams.broker import EmbeddedBroker
 from streams.consumer import EventConsumer
 from streams.serde import Serde
-from tests.serving.conftest import ITEMS, MODEL, USERS, offline_rows, register, serving_settings, start_served
+from tests.serving.conftest import (
+    ITEMS,
+    MODEL,
+    USERS,
+    Served,
+    at_once,
+    feature_values,
+    offline_rows,
+    register,
+    seed_online_store,
+    serving_settings,
+    start_served,
+    training_frame,
+)
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -114,6 +128,64 @@ def test_a_failed_load_keeps_the_old_version_and_raises_an_alert(
         assert metrics.model_load_failures.labels(MODEL, "2")._value.get() == 1
     finally:
         served.thread.stop()
+
+
+def test_a_restarted_service_falls_back_to_the_newest_loadable_earlier_version(
+    *,
+    broker_settings: Settings,
+    tmp_path: Path,
+    ctr_spec: ModelSpec,
+    repository: FeatureRepository,
+    artifacts: list[bytes],
+    pipelines: list[ModelPipeline],
+    serde: Serde,
+) -> None:
+    """production moved 1 -> 2 -> 3, then the artifacts of 3 and 2 were corrupted: a service
+    starting now serves 1 (the newest earlier version that passes its sha256 check), with a
+    CRITICAL alert, instead of serving nothing."""
+    settings = serving_settings(broker_settings, tmp_path, client_rate_limit=0.0)
+    third = dump_pipeline(ModelPipeline(ctr_spec, repository).fit(training_frame(ctr_spec, repository, 3)))
+    versions = [register(settings, ctr_spec, artifact) for artifact in (artifacts[0], artifacts[1], third)]
+    for mv in versions[1:]:
+        path = Path(mv.artifact_uri.removeprefix("file://"))
+        path.write_bytes(path.read_bytes()[:-10] + b"corrupted!")
+    values = feature_values(pipelines[0], 5)
+    seed_online_store(settings, values, 1_700_000_000_000)
+    thread = ServerThread(settings)
+    try:
+        info = thread.start()
+        assert info.models == (f"{MODEL}@production -> 1",)
+        with PredictionClient(info.target) as client:
+            (answer,) = client.predict(MODEL, ENTITY)
+        assert answer.model_version == 1
+        served = Served(settings, info, thread, values, 1_700_000_000_000, versions[0])
+        (want,) = pipelines[0].predict(offline_rows(served, pipelines[0], [(USERS[0], ITEMS[0])], 0))
+        assert answer.score == pytest.approx(want.score, rel=1e-12)
+        alerts: list[dict[str, Any]] = []
+        with EventConsumer(settings, serde, ["alerts"], name="test-fallback-alerts") as consumer:
+            wait_for(
+                lambda: alerts.extend(e.record for e in consumer.poll(100, 0.2)) or len(alerts) >= 3,
+                20,
+                "the alerts",
+            )
+        by_kind = {(a["kind"], a["subject"]): a for a in alerts}
+        assert set(by_kind) == {
+            ("model_load_failed", f"{MODEL}:3"),
+            ("model_load_failed", f"{MODEL}:2"),
+            ("model_fallback", f"{MODEL}@production"),
+        }
+        fallback = by_kind[("model_fallback", f"{MODEL}@production")]
+        assert fallback["severity"] == "CRITICAL" and fallback["labels"] == {
+            "model": MODEL,
+            "alias": "production",
+            "failed_version": "3",
+            "serving_version": "1",
+        }
+        assert "sha256" in fallback["message"]
+        metrics = thread.server.metrics
+        assert metrics.model_serving.labels(f"{MODEL}@production")._value.get() == 1
+    finally:
+        thread.stop()
 
 
 def test_a_shadow_scores_the_same_requests_and_logs_its_own_events(
@@ -210,18 +282,9 @@ def test_rate_limit_and_in_flight_bound_answer_resource_exhausted(
             assert client.predict(MODEL, ENTITY, client_id="polite")[0].model_version == 1  # per client
             # Large calls are scored off the event loop, so several are in flight at once: past one, refused.
             big = [{"user_id": USERS[i % 20], "item_id": ITEMS[i % 30]} for i in range(1000)]
-            calls = [
-                client._call.future(client.request(MODEL, big, client_id=f"c{i}"), timeout=30)
-                for i in range(8)
-            ]
-            codes = []
-            for call in calls:
-                try:
-                    call.result()
-                    codes.append("OK")
-                except grpc.RpcError as exc:
-                    codes.append(exc.code().name)
-                    assert "in flight" in (exc.details() or "")
+            answers = at_once(served, [client.request(MODEL, big, client_id=f"c{i}") for i in range(8)], 30)
+        codes = [code for code, _ in answers]
+        assert all("in flight" in details for code, details in answers if code != "OK")
         assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes
         shed = served.thread.server.metrics.shed
         assert shed.labels("rate_limit")._value.get() >= 4 and shed.labels("in_flight")._value.get() >= 1
