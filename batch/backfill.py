@@ -69,7 +69,8 @@ from batch.offline_store import OfflineStore, open_offline_store, table_name
 from features.definitions import Feature, FeatureSet
 from features.predicates import sql_identifier, sql_literal
 from features.repository import FeatureRepository
-from features.sql import backfill_sql
+from features.sql import backfill_sql, own_columns, tiles_sql
+from features.tiles import backfill_tiles
 from headwater.errors import ConfigError, HeadwaterError
 from headwater.settings import Settings
 from processors.lake.columns import event_columns
@@ -155,13 +156,14 @@ def backfill(
             relation = store.relation(table_name(fs.source))
             store.execute(
                 f"CREATE TEMPORARY TABLE {tmp} ENGINE = Memory AS "
-                + backfill_sql(fs, relation, start_ms, end_ms, order=False)
+                + backfill_sql(fs, relation, start_ms, end_ms, order=False, own=True)
             )
-            latest = _latest(store, fs, tmp) if online else None
+            tiles = _tiles(store, fs, tmp, relation, start=start_ms, end=end_ms)
+            latest = _with_tiles(_latest(store, fs, tmp), tiles, "_valid_until", "_tiles") if online else None
             result.sql_s = time.perf_counter() - t
 
             t = time.perf_counter()
-            rows = store.query(_lake_sql(fs, tmp, write_time))
+            rows = _with_tiles(store.query(_lake_sql(fs, tmp, write_time)), tiles, "valid_until", "tiles")
             result.updates = rows.num_rows
             result.entities = len(pc.unique(rows.column("entity_key")))
             schema = _lake_schema(fs, catalog)
@@ -191,6 +193,31 @@ def backfill(
 
 
 # --- ClickHouse: the online rows and the lake rows ---------------------------------------------
+
+
+Tiles = dict[tuple[str, int], tuple[int, bytes]]  # (entity, event time) -> (valid_until, tiles)
+
+
+def _tiles(store: OfflineStore, fs: FeatureSet, tmp: str, relation: str, *, start: int, end: int) -> Tiles:
+    """Every computed row's window tiles (:mod:`features.tiles`): what the stream's update at the
+    same time carries, so backfilled values are read at the read's time as streamed ones are."""
+    own = [c for window in own_columns(fs) for measure in window for c in measure]
+    rows = store.query(f"SELECT entity_key, event_time, {', '.join(own)} FROM {tmp}")
+    windows = len({f.window_ms for f in fs.features})
+    tiles = [store.query(tiles_sql(fs, relation, start, end, w)) for w in range(windows)]
+    blobs, valid = backfill_tiles(fs, rows, tiles)
+    keys = zip(rows.column("entity_key").to_pylist(), rows.column("event_time").to_pylist(), strict=True)
+    return {key: (until, blob) for key, until, blob in zip(keys, valid, blobs, strict=True)}
+
+
+def _with_tiles(table: pa.Table, tiles: Tiles, until_column: str, tiles_column: str) -> pa.Table:
+    """``table`` (rows of entity_key, event_time, ...) with each row's valid_until and tiles, placed
+    after ``source`` when it has one (the lake's column order), else at the end."""
+    keys = zip(table.column("entity_key").to_pylist(), table.column("event_time").to_pylist(), strict=True)
+    found = [tiles[(k, int(t))] for k, t in keys]
+    at = table.schema.get_field_index("source") + 1 if "source" in table.column_names else table.num_columns
+    table = table.add_column(at, until_column, pa.array([u for u, _ in found], pa.int64()))
+    return table.add_column(at + 1, tiles_column, pa.array([b for _, b in found], pa.binary()))
 
 
 def _latest(store: OfflineStore, fs: FeatureSet, tmp: str) -> pa.Table:

@@ -102,6 +102,36 @@ def bench_repository() -> FeatureRepository:
 
 
 # -- set-up ---------------------------------------------------------------------------------------
+def online_rows(repository: FeatureRepository, end: int) -> dict[str, list[Any]]:
+    """What the stream writes online for each user and item: values and window tiles, computed by
+    the engine from synthetic clicks over the week before ``end`` (each entity's last event at a
+    random time in it, so most reads evaluate the windows at the read's time from the tiles)."""
+    from features.engine import Aggregator
+
+    rng = random.Random(11)
+    week = 7 * 86_400_000
+
+    def click(n: int) -> dict[str, Any]:
+        return {
+            "event_id": f"e{n}", "event_time": end - rng.randint(0, week),
+            "user_id": f"u{rng.randrange(N_USERS)}", "item_id": f"i{rng.randrange(N_ITEMS)}",
+            "action": "CLICK" if rng.random() < 0.05 else "IMPRESSION", "position": rng.randint(1, 3),
+            "campaign": "all", "propensity": rng.choice([0.0125, 0.025]), "session_id": None,
+            "user_features": {},
+        }  # fmt: skip
+
+    events = sorted((click(n) for n in range(4 * N_USERS)), key=lambda e: e["event_time"])
+    rows: dict[str, list[Any]] = {}
+    for fs in repository.feature_sets:
+        aggregator, latest = Aggregator(fs), {}
+        for event in events:
+            for u in aggregator.apply(event, event["event_time"]):
+                key = u["entity_key"]
+                latest[key] = (key, u["event_time"], u["values"], u["valid_until"], u["tiles"])
+        rows[fs.name] = list(latest.values())
+    return rows
+
+
 def setup(workdir: Path) -> tuple[Any, Any, dict[str, list[str]]]:
     """Broker, topics, online data and the registered model; returns (settings, broker, reads)."""
     import numpy as np
@@ -152,15 +182,8 @@ def setup(workdir: Path) -> tuple[Any, Any, dict[str, list[str]]]:
             registry.promote(spec.name, mv.version, force=True, reason="benchmark")
         now = time.time_ns() // 1_000_000 - 60_000
         with open_online_store(settings) as store:
-            for fs, count, prefix in (("bench_user", N_USERS, "u"), ("bench_item", N_ITEMS, "i")):
-                names = [f.name for f in repository.feature_set(fs).features]
-                store.put_batch(
-                    fs,
-                    [
-                        (f"{prefix}{k}", now, {m: float(rng.random() * 100) for m in names})
-                        for k in range(count)
-                    ],
-                )
+            for fs, rows in online_rows(repository, now).items():
+                store.put_batch(fs, rows)
     except BaseException:
         broker.stop()  # never leave a broker behind
         raise

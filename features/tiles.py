@@ -5,8 +5,9 @@ backfilled row carries its entity's tiles too (see :mod:`features.engine` for wh
 ClickHouse computes their parts (:func:`features.sql.tiles_sql`: every tile's partials;
 ``backfill_sql(..., own=True)``: each row's own tile up to the row's time); this module turns
 them into the engine's partials and encodes them with the engine's own encoder, so a
-backfilled row's tiles equal, byte for byte, those of the stream's update at the same time
-when events came in order (a parity test holds them to it).
+backfilled row's tiles equal those of the stream's update at the same time when events came
+in order (a parity test holds them to it; a float sum over events of one millisecond may differ
+in its last bits, as the values do).
 """
 
 from __future__ import annotations

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from batch.backfill import PARTITION_BASE, backfill
 from batch.materialize import materialize
 from batch.offline_store import get_historical_features, open_offline_store
-from features.engine import Aggregator
+from features.engine import Aggregator, evaluate_tiles
 from features.examples.clickstream import repository
 from headwater.errors import ConfigError, NotFoundError
 from headwater.sample_data import merged_events
@@ -29,6 +30,7 @@ from headwater.settings import Settings, load_settings
 from processors.lake import LakeWriter
 from serving.online_store import open_online_store
 from streams.catalog import SchemaCatalog
+from tests.features.oracle import same_tiles
 
 DAY = 86_400_000
 SETS = ["user_activity", "item_activity"]
@@ -41,16 +43,24 @@ def clicks() -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def expected(clicks: list[dict[str, Any]]) -> dict[str, dict[tuple[str, int], Values]]:
+def engine_updates(clicks: list[dict[str, Any]]) -> dict[str, dict[tuple[str, int], dict[str, Any]]]:
     """Per feature set, the engine's last update per (entity, event time)."""
-    out: dict[str, dict[tuple[str, int], Values]] = {}
+    out: dict[str, dict[tuple[str, int], dict[str, Any]]] = {}
     for name in SETS:
         aggregator, last = Aggregator(repository().feature_set(name)), {}
         for record in clicks:
             for update in aggregator.apply(record, write_time=0):
-                last[(update["entity_key"], update["event_time"])] = update["values"]
+                last[(update["entity_key"], update["event_time"])] = update
         out[name] = last
     return out
+
+
+@pytest.fixture(scope="module")
+def expected(
+    engine_updates: dict[str, dict[tuple[str, int], dict[str, Any]]],
+) -> dict[str, dict[tuple[str, int], Values]]:
+    """Per feature set, the values of the engine's last update per (entity, event time)."""
+    return {name: {k: u["values"] for k, u in updates.items()} for name, updates in engine_updates.items()}
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +113,11 @@ def online(
 
 @pytest.mark.parametrize("name", SETS)
 def test_backfill_equals_the_streaming_engine_at_every_update_time(
-    name: str, lake_settings: Settings, expected: dict[str, dict[tuple[str, int], Values]], clicks: list[Any]
+    name: str,
+    lake_settings: Settings,
+    expected: dict[str, dict[tuple[str, int], Values]],
+    engine_updates: dict[str, dict[tuple[str, int], dict[str, Any]]],
+    clicks: list[Any],
 ) -> None:
     result = backfill(lake_settings, name, 0, 2**45)
     want = expected[name]
@@ -115,11 +129,27 @@ def test_backfill_equals_the_streaming_engine_at_every_update_time(
     assert set(rows["source"]) == {"BACKFILL"} and rows["write_time"].nunique() == 1
     assert (rows["_partition"] >= PARTITION_BASE).all()
 
-    # The online store holds each entity's latest values, readable as of the last event
-    # (the sample is from 2019 and TTL is by event time).
+    # Each row carries the stream's tiles.
+    with open_offline_store(lake_settings) as store:
+        tiles = store.query(
+            "SELECT entity_key, event_time, valid_until, tiles FROM feature_updates "
+            "WHERE feature_set = {fs:String}",
+            {"fs": name},
+        )
+    tiles = tiles.set_column(3, "tiles", tiles.column("tiles").cast(pa.binary())).to_pylist()
+    updates = engine_updates[name]
+    assert len(tiles) == len(updates)
+    for row in tiles:
+        update = updates[(row["entity_key"], row["event_time"])]
+        assert row["valid_until"] == update["valid_until"] and same_tiles(row["tiles"], update["tiles"]), row
+
+    # The online store holds each entity's latest values, read as of the last event (the
+    # sample is from 2019 and TTL is by event time): every window evaluated then.
     latest = latest_per_entity(want)
     assert result.entities == result.online_written == len(latest)
-    assert online(lake_settings, name, sorted(latest), clicks[-1]["event_time"]) == latest
+    now = clicks[-1]["event_time"]
+    read = {k: (t, evaluate_tiles(updates[(k, t)]["tiles"], now)[0]) for k, (t, _) in latest.items()}
+    assert online(lake_settings, name, sorted(latest), now) == read
     assert not any(v[0] for v in online(lake_settings, name, sorted(latest)[:5], 2**52).values())  # TTL
 
 

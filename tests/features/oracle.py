@@ -105,3 +105,18 @@ def values_at(fs: FeatureSet, events: Iterable[Mapping[str, Any]], t: int) -> di
 def last_updates(updates: Iterable[Mapping[str, Any]]) -> dict[Key, dict[str, Any]]:
     """The last update emitted per (entity, event time): what newer-wins and compaction keep."""
     return {(u["entity_key"], u["event_time"]): dict(u["values"]) for u in updates}
+
+
+def same_tiles(a: bytes, b: bytes) -> bool:
+    """Two updates' tiles hold the same partials, float sums to 1e-12 relative (a running sum over
+    events in one millisecond may add them in another order)."""
+    import msgpack
+
+    def same(x: Any, y: Any) -> bool:
+        if isinstance(x, float) or isinstance(y, float):
+            return isinstance(x, float) and isinstance(y, float) and abs(x - y) <= 1e-12 * max(abs(x), abs(y))
+        if isinstance(x, list) and isinstance(y, list):
+            return len(x) == len(y) and all(map(same, x, y))
+        return bool(x == y)
+
+    return same(msgpack.unpackb(a), msgpack.unpackb(b))

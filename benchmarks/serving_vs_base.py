@@ -1,0 +1,94 @@
+"""The serving benchmark on this checkout and on an earlier commit, in one run, side by side.
+
+    .venv/bin/python benchmarks/serving_vs_base.py --base 1b8d368 [--duration 10] [--rounds 2]
+
+Read-time window evaluation must not cost the prediction service more than a tenth of its
+maximum calls/s (issue 13). Absolute figures on a shared two-core machine move 2-3x between
+stretches of minutes, so the earlier commit is measured in the same run: a git worktree of
+``--base`` (from this repository, no network) runs its own ``benchmarks/serving.py`` with this
+checkout's virtualenv (the dependencies are the same), then this checkout runs its own, and the
+two alternate for ``--rounds`` rounds; each side's best round counts. Each side's online store
+holds what its stream would have written: plain values before read-time windows, values with
+their tiles now (``benchmarks/serving.py``'s ``online_rows``: most entities' last event days
+old, so reads evaluate the windows from the tiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PASSES = (("max single", "calls_per_s"), ("batch 100", "items_per_s"), ("open 1000/s", "p99_ms"))
+MAX_DROP = 0.10
+
+
+def _worktree(base: str, into: Path) -> Path:
+    tree = into / "base"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), base], check=True)
+    proto = "serving/api/v1/prediction.proto"  # its gRPC code, generated as infra/setup.sh does
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", "-I", ".", "--python_out=.", "--pyi_out=.",
+         "--grpc_python_out=.", proto],
+        cwd=tree, check=True,
+    )  # fmt: skip
+    return tree
+
+
+def _run(tree: Path, duration: float, out: Path) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    subprocess.run(
+        [sys.executable, "benchmarks/serving.py", "--no-feast", "--duration", str(duration),
+         "--json", str(out)],
+        cwd=tree, env=env, check=True,
+    )  # fmt: skip
+    figures: dict[str, Any] = json.loads(out.read_text())
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--base", default="1b8d368", help="the earlier commit")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load pass")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="hw-serving-vs-base-"))
+    tree = _worktree(args.base, workdir)
+    best: dict[str, dict[str, float]] = {"base": {}, "this": {}}
+    try:
+        for r in range(args.rounds):
+            for side, where in (("base", tree), ("this", ROOT)):
+                figures = _run(where, args.duration, workdir / f"{side}-{r}.json")
+                for name, key in PASSES:
+                    value = figures[name][key]
+                    kept = best[side].get(name)
+                    if kept is None or (value < kept if key == "p99_ms" else value > kept):
+                        best[side][name] = value
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\nserving, best of {args.rounds} alternating rounds: {args.base} against this checkout")
+    ok = True
+    for name, key in PASSES:
+        b, t = best["base"][name], best["this"][name]
+        ratio = t / b
+        line = f"  {name:<12} {key:<12} base {b:>12,.2f}   this {t:>12,.2f}   ratio {ratio:.3f}"
+        if key != "p99_ms":
+            passed = ratio >= 1 - MAX_DROP
+            ok &= passed
+            line += "  PASS" if passed else f"  FAIL (more than {MAX_DROP:.0%} below)"
+        print(line)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
