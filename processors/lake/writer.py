@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from headwater.errors import HeadwaterError
 from headwater.files import atomic_write, fsync_dir
 from headwater.settings import Settings
-from processors.lake.columns import EventColumns, event_columns, feature_value_columns
+from processors.lake.columns import EventColumns, event_columns
 from processors.lake.layout import DATE_PREFIX, FileName, FilePlan, LakeRow, plan_files, superseded
 from streams.catalog import SchemaCatalog
 from streams.topics import TOPICS, TopicSpec
@@ -237,22 +237,16 @@ class LakeWriter:
         return written
 
     def _table(self, spec: TopicSpec, plan: FilePlan, now: int) -> pa.Table:
-        cols = self.columns(spec.logical)
-        records = [r.record for r in plan.rows]
-        data: dict[str, Any] = cols.to_columns(records)
-        n = len(records)
-        data["_topic"] = [spec.logical] * n
-        data["_partition"] = [plan.file.partition] * n
-        data["_offset"] = [r.offset for r in plan.rows]
-        data["_key"] = [r.key for r in plan.rows]
-        data["_event_type"] = [spec.event_type] * n
-        data["_ingest_time"] = [now] * n
-        table = pa.Table.from_pydict(data, schema=cols.arrow_schema())
-        if spec.event_type == "feature_update":
-            for name, array in feature_value_columns(records).items():
-                # REQUIRED when the batch has no null: cheaper to read (views declare Nullable).
-                table = table.append_column(pa.field(name, array.type, nullable=array.null_count > 0), array)
-        return table
+        n = len(plan.rows)
+        meta: dict[str, list[Any]] = {
+            "_topic": [spec.logical] * n,
+            "_partition": [plan.file.partition] * n,
+            "_offset": [r.offset for r in plan.rows],
+            "_key": [r.key for r in plan.rows],
+            "_event_type": [spec.event_type] * n,
+            "_ingest_time": [now] * n,
+        }
+        return self.columns(spec.logical).to_table([r.record for r in plan.rows], meta)
 
     def _kept_rows(
         self, old: Sequence[FileName], existing: Mapping[FileName, list[Path]], new: FileName
