@@ -25,7 +25,8 @@ def _labels(*rows: tuple[str, int]) -> pd.DataFrame:
 
 
 def _values(df: pd.DataFrame, column: str) -> list[Any]:
-    return [None if (isinstance(v, float) and math.isnan(v)) else v for v in df[column]]
+    """The column's values with every kind of missing (NaN of a double, NA of a nullable type) as None."""
+    return [None if v is pd.NA or (isinstance(v, float) and math.isnan(v)) else v for v in df[column]]
 
 
 def test_late_value_counts_only_once_written(store: OfflineStore, writer: LakeWriter) -> None:
