@@ -184,7 +184,9 @@ def build_lake(
             pq.write_table(
                 table.filter(pc.equal(dates, date)),
                 folder / f"feature-updates+0+{offset}-{offset + n - 1}.parquet",
-                use_dictionary=[f.name for f in schema if not pa.types.is_floating(f.type)],  # as LakeWriter
+                # As LakeWriter: floats plain and uncompressed, the rest with dictionaries and snappy.
+                use_dictionary=[f.name for f in schema if not pa.types.is_floating(f.type)],
+                compression={f.name: "none" if pa.types.is_floating(f.type) else "snappy" for f in schema},
             )
         offset, part = offset + n, part + 1
     return len(list(topic_dir.rglob("*.parquet")))

@@ -58,6 +58,7 @@ import pyarrow.compute as pc
 from batch.offline_store.base import OfflineStore
 from headwater.errors import ConfigError, NotFoundError
 from processors.lake.columns import feature_column
+from processors.lake.layout import FileName
 from processors.lake.reader import (
     FEATURE_TOPIC,
     feature_column_types,
@@ -71,7 +72,7 @@ __all__ = ["get_historical_features", "parse_refs"]
 
 FEATURE_TABLE = "feature_updates"
 _NARROW = ["feature_set", "entity_key", "event_time", "write_time"]
-_PLACE = ["event_id", "_ingest_time", "_partition", "_offset"]  # read only for possible copies
+_COPIES = ["event_id", "_ingest_time"]  # read only for rows that may be copies of one update
 _BATCH_ROWS = 65_536
 # pandas types of typed feature columns: nullable integers and booleans, not float64 with NaN.
 _PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}
@@ -176,17 +177,31 @@ def _order(u: _Updates, files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     if not len(same):
         return order, none
     suspects = np.unique(rows[np.union1d(same, same + 1)])
-    ids, ingest, partition, offset = _read_rows(files, u.file[suspects], u.row[suspects], _PLACE)
-    ingest, partition, offset = (
-        np.asarray(a.to_numpy(), dtype=np.int64) for a in (ingest, partition, offset)
-    )
-    keep = first_copies(ids, ingest, partition, offset)
+    ids, ingest = _read_rows(files, u.file[suspects], u.row[suspects], _COPIES)
+    partition, offset = _places(files, u.file[suspects], u.row[suspects])
+    keep = first_copies(ids, np.asarray(ingest.to_numpy(), dtype=np.int64), partition, offset)
     where = np.empty(len(order), dtype=np.int64)
     where[order] = np.arange(len(order))
     at = np.sort(where[suspects])
     order[at] = suspects[np.lexsort((offset, partition, u.write_time[suspects], u.event_time[suspects]))]
     later: np.ndarray = suspects[~keep]
     return order, later
+
+
+def _places(files: list[Path], file: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(partition, a stand-in for the lake offset) of rows that share an event time, from file names.
+
+    Such rows are in one date folder (named by the event time's day), where the files of a
+    partition hold disjoint offset ranges and each file's rows are in offset order: the file's
+    first offset plus the row's position orders them as their offsets do, without reading them.
+    """
+    places = np.zeros((len(files), 2), dtype=np.int64)
+    for f in np.unique(file):
+        name = FileName.parse(files[int(f)].name)  # lake_files lists only names that parse
+        assert name is not None
+        places[f] = name.partition, name.first
+    partition, first = places[file, 0], places[file, 1]
+    return partition, first + row
 
 
 def _read_rows(files: list[Path], file: np.ndarray, row: np.ndarray, columns: list[str]) -> list[pa.Array]:
@@ -286,7 +301,11 @@ def _values(
         taken = _take_rows(files[f], columns, [rows for _, _, rows in parts])
         schema = pa.schema([present.field(c) for c in columns])
         return [
-            (fs, labels, _conform(pa.Table.from_batches(batches, schema=schema), wanted[fs], types))
+            (
+                fs,
+                labels,
+                pa.Table.from_batches(batches, schema=schema).select([c for c in wanted[fs] if c in columns]),
+            )
             for (fs, labels, _), batches in zip(parts, taken, strict=True)
         ]
 
@@ -299,11 +318,17 @@ def _values(
         if not parts:
             out.update((c, pa.chunked_array([pa.nulls(n_labels, types[c])])) for c in wanted[fs])
             continue
-        values = pa.concat_tables([v for _, v in parts])
+        # Files typed a feature differently, or lack it: the unified type, nulls where missing.
+        values = pa.concat_tables([_widened(v, types) for _, v in parts], promote_options="default")
         source = np.full(n_labels, -1, dtype=np.int64)
         source[np.concatenate([labels for labels, _ in parts])] = np.arange(values.num_rows)
         placed = values.take(pa.array(source, mask=source < 0))
-        out.update(zip(placed.column_names, placed.columns, strict=True))
+        for c in wanted[fs]:
+            out[c] = (
+                placed.column(c)
+                if c in placed.column_names
+                else pa.chunked_array([pa.nulls(n_labels, types[c])])
+            )
     return out
 
 
@@ -327,15 +352,14 @@ def _take_rows(path: Path, columns: list[str], wanted: list[np.ndarray]) -> list
     return taken
 
 
-def _conform(table: pa.Table, columns: list[str], types: Mapping[str, pa.DataType]) -> pa.Table:
-    """``table`` with exactly ``columns`` in their unified types: missing ones null, others cast."""
-    arrays = [
-        (table.column(c) if table.column(c).type == types[c] else table.column(c).cast(types[c]))
-        if c in table.column_names
-        else pa.nulls(table.num_rows, types[c])
-        for c in columns
-    ]
-    return pa.Table.from_arrays(arrays, schema=pa.schema([pa.field(c, types[c]) for c in columns]))
+def _widened(table: pa.Table, types: Mapping[str, pa.DataType]) -> pa.Table:
+    """``table`` with each column in its unified type (most files need no change)."""
+    for i, field in enumerate(table.schema):
+        if field.type != types[field.name]:
+            table = table.set_column(
+                i, field.with_type(types[field.name]), table.column(i).cast(types[field.name])
+            )
+    return table
 
 
 def _to_ms(column: pa.ChunkedArray) -> pa.ChunkedArray:
