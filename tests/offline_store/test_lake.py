@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -314,3 +315,39 @@ def test_a_feature_null_in_one_file_and_string_in_another_is_queryable(tmp_path:
             f"SELECT `user_activity:last_item` AS v FROM {relation} ORDER BY event_time"
         ).to_pylist()
     assert rows == [{"v": None}, {"v": "14"}]
+
+
+def test_files_of_the_earlier_format_still_read_exactly(
+    writer: LakeWriter, lake_settings: Settings, catalog: SchemaCatalog
+) -> None:
+    """A lake written before the typed columns were the only copy: values as a map of doubles,
+    as JSON, and as Float64/String columns. Restores, views and training sets still read it."""
+    old = feature_update("u", "a", T0, T0, {"n": 3, "s": "x", "none": None})
+    table = pa.table(
+        {
+            **{k: [old[k]] for k in ("event_id", "feature_set", "entity_key", "event_time", "write_time")},
+            "feature_set_version": pa.array([1], pa.int32()),
+            "values": pa.array([[("n", 3.0), ("none", None), ("s", None)]], pa.map_(pa.string(), pa.float64())),  # noqa: E501
+            "values_json": ['{"n":3,"none":null,"s":"x"}'],
+            "source": ["STREAM"],
+            "_topic": ["feature-updates"], "_partition": pa.array([0], pa.int32()), "_offset": [0],
+            "_key": ["u|a"], "_event_type": ["feature_update"], "_ingest_time": [T0],
+            "u:n": [3.0], "u:s": ["x"],
+        }
+    )  # fmt: skip
+    folder = lake_settings.lake_dir / "feature-updates" / "date=2023-11-14"
+    folder.mkdir(parents=True)
+    pq.write_table(table, folder / "feature-updates+0+0-0.parquet")
+    new = feature_update("u", "a", T0 + 1, T0 + 1, {"n": 4, "s": "y", "none": None})
+    writer.write("feature-updates", [(0, 1, new)])
+
+    records = [r.record for r in LakeReader(lake_settings, catalog).iter_records("feature-updates")]
+    assert records == [old, new] and type(records[0]["values"]["n"]) is int
+    from batch.offline_store import get_historical_features, open_offline_store
+
+    with open_offline_store(lake_settings, catalog) as store:
+        rows = store.query("SELECT `u:n` AS n, `u:s` AS s FROM feature_updates ORDER BY event_time")
+        assert rows.to_pylist() == [{"n": 3.0, "s": "x"}, {"n": 4.0, "s": "y"}]
+        labels = pd.DataFrame({"entity_key": ["a", "a"], "label_time": [T0, T0 + 1]})
+        got = get_historical_features(store, labels, ["u:n", "u:s"])
+    assert list(got["u:n"]) == [3.0, 4.0] and list(got["u:s"]) == ["x", "y"]
