@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from typing import Any
 
 import pandas as pd
@@ -17,11 +18,14 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from batch.offline_store import OfflineStore, get_historical_features
+from batch.offline_store import OfflineStore, get_historical_features, open_offline_store
 from headwater.cli.features import register
 from headwater.settings import Settings
 from processors.lake import LakeReader, LakeWriter, event_columns
+from processors.worker import run_processors
 from streams.catalog import SchemaCatalog
+from streams.producer import EventProducer
+from streams.serde import Serde
 from tests.offline_store.conftest import T0, click, feature_update
 
 
@@ -176,3 +180,26 @@ def test_describe_counts_each_update_once(lake_settings: Settings, writer: LakeW
     assert out["offline"]["last_write"] == T0 + 5
     (clicks,) = [f for f in out["features"] if f["name"] == "clicks_24h"]
     assert (clicks["rows"], clicks["mean"]) == (6, pytest.approx(2.5))  # copies' 100s are not counted
+
+
+def test_copies_through_the_broker_and_the_lake_sink_are_read_once(settings: Settings, serde: Serde) -> None:
+    """End to end: a client publishes a click twice, a processor produces an update twice; the
+    real lake sink archives all four records, and SQL and training sets see two events."""
+    retried = click(7)
+    update = feature_update("u", "a", T0, T0 + 10, {"x": 1})
+    with EventProducer(settings, serde) as producer:
+        for record in (retried, retried):
+            producer.send("clicks", record)
+        producer.send("feature-updates", update)
+        producer.send("feature-updates", _copy(update, write_time=T0 + 99))
+        producer.flush()
+    run_processors(settings, ["lake-sink"], threading.Event(), until_caught_up=True)
+    with open_offline_store(settings) as store:
+        archived = store.relation("clicks", deduplicated=False)
+        counts = store.query(
+            f"SELECT (SELECT count() FROM {archived}) AS archived, (SELECT count() FROM clicks) AS seen"
+        )
+        assert counts.to_pylist() == [{"archived": 2, "seen": 1}]
+        labels = pd.DataFrame({"entity_key": ["a"], "label_time": [T0 + 200]})
+        got = get_historical_features(store, labels, ["u:x"], include_timestamps=True)
+    assert (list(got["u:x"]), list(got["u:write_time"])) == ([1], [T0 + 10])
