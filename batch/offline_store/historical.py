@@ -160,8 +160,8 @@ def _order(u: _Updates, files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     later copies of an update (same event id) to leave out.
 
     One sort on the event time. Only rows of one entity are ever compared, so the order matters
-    only among rows sharing both entity and event time: just those have their write time, lake
-    position and id read, and are put in full order.
+    only among rows sharing both entity and event time: just those have their id and ingest time
+    read (the only columns read beyond the narrow ones) and are put in full order.
     """
     order = np.argsort(u.event_time, kind="stable")  # timsort: the lake is nearly in time order
     times = u.event_time[order]
@@ -206,18 +206,20 @@ def _places(files: list[Path], file: np.ndarray, row: np.ndarray) -> tuple[np.nd
 
 def _read_rows(files: list[Path], file: np.ndarray, row: np.ndarray, columns: list[str]) -> list[pa.Array]:
     """``columns`` at (file, row) for each position, in the given order."""
-    by_file = np.argsort(file, kind="stable")
-    sorted_files = file[by_file]
+    by_place = np.lexsort((row, file))
+    sorted_files = file[by_place]
     groups = [
-        by_file[np.searchsorted(sorted_files, f) : np.searchsorted(sorted_files, f, side="right")]
+        by_place[np.searchsorted(sorted_files, f) : np.searchsorted(sorted_files, f, side="right")]
         for f in np.unique(file)
     ]
 
     def read(at: np.ndarray) -> pa.Table:
-        table = open_file(files[int(file[at[0]])]).read(columns=columns, use_threads=False)
-        return table.take(pa.array(row[at]))
+        path = files[int(file[at[0]])]
+        schema = pa.schema([file_schema(path).field(c) for c in columns])
+        return pa.Table.from_batches(_take_rows(path, columns, [row[at]])[0], schema=schema)
 
-    table = pa.concat_tables(_parallel(read, groups)).take(pa.array(np.argsort(by_file, kind="stable")))
+    table = pa.concat_tables(_parallel(read, groups), promote_options="default")
+    table = table.take(pa.array(np.argsort(by_place)))
     return [table.column(name).combine_chunks() for name in columns]
 
 

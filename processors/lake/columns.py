@@ -46,6 +46,7 @@ Lake metadata columns (:data:`META_COLUMNS`) follow the event's own fields.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -291,7 +292,7 @@ def _typed_column(values: list[Any]) -> tuple[pa.Array, dict[int, str]]:
         kind, arrow = str, pa.string()
     else:
         kind, arrow = next((k, t) for k, t in _NUMBERS if k in kinds)
-    if strings in (0, len(kinds)) and all(k is kind for k in kinds):
+    if all(k is kind for k in kinds):
         return pa.array(values, arrow), {}
     exceptions: dict[int, str] = {}
     held: list[Any] = []
@@ -307,6 +308,17 @@ def _typed_column(values: list[Any]) -> tuple[pa.Array, dict[int, str]]:
     return pa.array(held, arrow), exceptions
 
 
+# One key list per feature set version in practice: cached, and bounded whatever producers send.
+@functools.lru_cache(maxsize=1024)
+def _keys_json(keys: tuple[str, ...]) -> str:
+    return json.dumps(list(keys), separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _keys_of(text: str) -> tuple[str, ...]:
+    return tuple(json.loads(text))
+
+
 class _FeatureValues:
     """Encodes and decodes the ``values`` of feature updates (see the module docstring)."""
 
@@ -314,10 +326,6 @@ class _FeatureValues:
         Column(VALUE_KEYS, pa.string(), False, "String"),
         Column(VALUE_EXCEPTIONS, _EXCEPTIONS_TYPE, False, "Map(String, String)"),
     )
-
-    def __init__(self) -> None:
-        self._keys_json: dict[tuple[str, ...], str] = {}
-        self._keys: dict[str, tuple[str, ...]] = {}
 
     def encode(
         self, records: Sequence[Mapping[str, Any]]
@@ -328,11 +336,7 @@ class _FeatureValues:
         by_column: dict[str, list[Any]] = {}
         for i, record in enumerate(records):
             values: Mapping[str, Any] = record.get("values") or {}
-            keys = tuple(values)
-            text = self._keys_json.get(keys)
-            if text is None:
-                text = self._keys_json[keys] = json.dumps(list(keys), separators=(",", ":"))
-            keys_col.append(text)
+            keys_col.append(_keys_json(tuple(values)))
             fs = record[FEATURE_SET_FIELD]
             for feature, value in values.items():
                 if value is None:
@@ -351,12 +355,6 @@ class _FeatureValues:
                 exceptions[i].append((feature, text))
         return {VALUE_KEYS: keys_col, VALUE_EXCEPTIONS: exceptions}, typed
 
-    def keys(self, text: str) -> tuple[str, ...]:
-        keys = self._keys.get(text)
-        if keys is None:
-            keys = self._keys[text] = tuple(json.loads(text))
-        return keys
-
     def decode(self, row: Mapping[str, Any]) -> dict[str, Any]:
         text = row.get(VALUE_KEYS)
         if text is None:
@@ -366,7 +364,7 @@ class _FeatureValues:
         exceptions = dict(row.get(VALUE_EXCEPTIONS) or ())
         return {
             k: json.loads(exceptions[k]) if k in exceptions else row.get(feature_column(fs, k))
-            for k in self.keys(text)
+            for k in _keys_of(text)
         }
 
 
