@@ -306,9 +306,11 @@ def write_parquet(directory: Path, name: FileName, table: pa.Table) -> Path:
     """Write a lake file durably: temporary name, fsync, rename into place, fsync the folder."""
     # Dictionaries help strings, counts and map keys; floats are written plain and uncompressed:
     # a double's bits do not repeat, so a dictionary only slows reading down and snappy only
-    # copies them (a quarter of the CPU of reading a training set's values).
+    # copies them (a quarter of the CPU of reading a training set's values). Binary blobs (a
+    # dead letter's bytes, partial aggregates) are unique too: no dictionary, but compressed.
     floats = {f.name for f in table.schema if pa.types.is_floating(f.type)}
-    dictionary = [n for n in table.column_names if n not in floats]
+    blobs = {f.name for f in table.schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)}
+    dictionary = [n for n in table.column_names if n not in floats and n not in blobs]
     compression = {n: "none" if n in floats else "snappy" for n in table.column_names}
     return atomic_write(
         directory / name.name,
