@@ -230,3 +230,20 @@ def test_labels_far_apart_in_time_are_matched_the_same(store: OfflineStore, writ
     for bitemporal in (True, False):
         got = get_historical_features(store, labels, ["u:x"], bitemporal=bitemporal)
         assert _values(got, "u:x") == [None, 1, 2, None]
+
+
+def test_more_entities_than_one_radix_digit_holds(store: OfflineStore, writer: LakeWriter) -> None:
+    # Entities are sorted by their 16-bit digits: labels naming 70,000 of them take two passes.
+    rng = random.Random(3)
+    entities = [f"e{i}" for i in range(70_000)]
+    chosen = sorted(rng.sample(range(70_000), 150))
+    updates = [
+        feature_update("u", entities[i], T0 + t, T0 + t, {"x": i * 10 + t}, n=t)
+        for i in chosen
+        for t in (0, 5)
+    ]
+    _write(writer, updates)
+    labels = _labels(*[(e, T0 + 3) for e in entities])
+    got = _values(get_historical_features(store, labels, ["u:x"]), "u:x")
+    want = [i * 10 if i in set(chosen) else None for i in range(70_000)]
+    assert got == want
