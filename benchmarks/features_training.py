@@ -286,9 +286,10 @@ def scenario(
             duplicates=args.duplicates,
         )
         labels = labels_frame(labels_n, args.entities, args.seed + 999)
+        size = sum(p.stat().st_size for p in settings.lake_dir.rglob("*.parquet"))
         print(
             f"  lake: {rows:,} feature rows x {args.features} features in {files} files "
-            f"({sum(p.stat().st_size for p in settings.lake_dir.rglob('*.parquet')) / 2**30:.2f} GiB), "
+            f"({size / 2**30:.2f} GiB, {size / (rows * args.features):.1f} bytes per value), "
             f"built in {time.perf_counter() - start:.0f} s",
             flush=True,
         )
