@@ -43,6 +43,7 @@ per-row column (a matched update's ``valid_until`` and tiles) would be read the 
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -84,26 +85,34 @@ _R = TypeVar("_R")
 class _Updates:
     """The lake rows of one feature set whose entity a label names (one entry per row)."""
 
-    file: np.ndarray  # index into the list of files
-    row: np.ndarray  # position in that file
+    place: np.ndarray  # the row's place in the lake: its file's start (see _Lake) plus its row
     code: np.ndarray  # the entity's code: its position among the labels' distinct keys
     event_time: np.ndarray
     write_time: np.ndarray
 
     def take(self, at: np.ndarray) -> _Updates:
-        return _Updates(self.file[at], self.row[at], self.code[at], self.event_time[at], self.write_time[at])
+        return _Updates(self.place[at], self.code[at], self.event_time[at], self.write_time[at])
 
 
 @dataclass(frozen=True)
 class _Lake:
     """The narrow columns of every feature-updates file, concatenated in file order."""
 
+    files: list[Path]
     feature_set: pa.ChunkedArray  # dictionary-encoded, as in the files
     entity_key: pa.ChunkedArray
     event_time: np.ndarray
     write_time: np.ndarray
-    file: np.ndarray
-    row: np.ndarray
+    starts: np.ndarray  # where each file's rows begin, then their total: a place is start + row
+
+    def file_of(self, place: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.starts, place, side="right") - 1
+
+    def by_file(self, place: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(file, the positions in ``place`` of its rows, in row order) for each file with some."""
+        order = np.argsort(place)
+        bounds = np.searchsorted(place[order], self.starts)
+        return [(f, order[a:b]) for f, (a, b) in enumerate(itertools.pairwise(bounds)) if b > a]
 
 
 def _parallel(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
@@ -130,13 +139,9 @@ def _read_lake(files: list[Path]) -> _Lake:
     def ints(name: str) -> np.ndarray:
         return np.asarray(joined(name).to_numpy(), dtype=np.int64) if n else np.zeros(0, np.int64)
 
+    starts = np.concatenate([[0], np.cumsum(sizes)])
     return _Lake(
-        joined("feature_set"),
-        joined("entity_key"),
-        ints("event_time"),
-        ints("write_time"),
-        np.repeat(np.arange(len(files), dtype=np.int64), sizes),
-        np.arange(n, dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes),
+        files, joined("feature_set"), joined("entity_key"), ints("event_time"), ints("write_time"), starts
     )
 
 
@@ -152,10 +157,10 @@ def _updates(lake: _Lake, feature_set: str, keys: pa.Array) -> _Updates:
     code = pc.fill_null(pc.index_in(entities, value_set=keys), -1).to_numpy().astype(np.int64)
     known = np.flatnonzero(code >= 0)
     at = known if at is None else at[known]
-    return _Updates(lake.file[at], lake.row[at], code[known], lake.event_time[at], lake.write_time[at])
+    return _Updates(at, code[known], lake.event_time[at], lake.write_time[at])
 
 
-def _order(u: _Updates, files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+def _order(u: _Updates, lake: _Lake) -> tuple[np.ndarray, np.ndarray]:
     """Positions of ``u`` sorted by (event time, write time, lake position), and the positions of
     later copies of an update (same event id) to leave out.
 
@@ -177,8 +182,8 @@ def _order(u: _Updates, files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     if not len(same):
         return order, none
     suspects = np.unique(rows[np.union1d(same, same + 1)])
-    ids, ingest = _read_rows(files, u.file[suspects], u.row[suspects], _COPIES)
-    partition, offset = _places(files, u.file[suspects], u.row[suspects])
+    ids, ingest = _read_rows(lake, u.place[suspects], _COPIES)
+    partition, offset = _positions(lake, u.place[suspects])
     keep = first_copies(ids, np.asarray(ingest.to_numpy(), dtype=np.int64), partition, offset)
     where = np.empty(len(order), dtype=np.int64)
     where[order] = np.arange(len(order))
@@ -188,49 +193,45 @@ def _order(u: _Updates, files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     return order, later
 
 
-def _places(files: list[Path], file: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _positions(lake: _Lake, place: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(partition, a stand-in for the lake offset) of rows that share an event time, from file names.
 
     Such rows are in one date folder (named by the event time's day), where the files of a
     partition hold disjoint offset ranges and each file's rows are in offset order: the file's
     first offset plus the row's position orders them as their offsets do, without reading them.
     """
-    places = np.zeros((len(files), 2), dtype=np.int64)
+    file = lake.file_of(place)
+    names = np.zeros((len(lake.files), 2), dtype=np.int64)
     for f in np.unique(file):
-        name = FileName.parse(files[int(f)].name)  # lake_files lists only names that parse
+        name = FileName.parse(lake.files[f].name)  # lake_files lists only names that parse
         assert name is not None
-        places[f] = name.partition, name.first
-    partition, first = places[file, 0], places[file, 1]
-    return partition, first + row
+        names[f] = name.partition, name.first
+    return names[file, 0], names[file, 1] + place - lake.starts[file]
 
 
-def _read_rows(files: list[Path], file: np.ndarray, row: np.ndarray, columns: list[str]) -> list[pa.Array]:
-    """``columns`` at (file, row) for each position, in the given order."""
-    by_place = np.lexsort((row, file))
-    sorted_files = file[by_place]
-    groups = [
-        by_place[np.searchsorted(sorted_files, f) : np.searchsorted(sorted_files, f, side="right")]
-        for f in np.unique(file)
-    ]
+def _read_rows(lake: _Lake, place: np.ndarray, columns: list[str]) -> list[pa.Array]:
+    """``columns`` of the rows at each place, in the given order."""
+    groups = lake.by_file(place)
 
-    def read(at: np.ndarray) -> pa.Table:
-        path = files[int(file[at[0]])]
+    def read(group: tuple[int, np.ndarray]) -> pa.Table:
+        f, at = group
+        path = lake.files[f]
         schema = pa.schema([file_schema(path).field(c) for c in columns])
-        return pa.Table.from_batches(_take_rows(path, columns, [row[at]])[0], schema=schema)
+        return pa.Table.from_batches(
+            _take_rows(path, columns, [place[at] - lake.starts[f]])[0], schema=schema
+        )
 
     table = pa.concat_tables(_parallel(read, groups), promote_options="default")
-    table = table.take(pa.array(np.argsort(by_place)))
+    table = table.take(pa.array(np.argsort(np.concatenate([at for _, at in groups]))))
     return [table.column(name).combine_chunks() for name in columns]
 
 
-def _match(
-    u: _Updates, files: list[Path], codes: np.ndarray, times: np.ndarray, bitemporal: bool
-) -> np.ndarray:
+def _match(u: _Updates, lake: _Lake, codes: np.ndarray, times: np.ndarray, bitemporal: bool) -> np.ndarray:
     """Per label (entity code, time), the position in ``u`` of its update, or -1 (module docstring)."""
     found = np.full(len(codes), -1, dtype=np.int64)
     if not len(u.code):
         return found
-    order, later = _order(u, files)
+    order, later = _order(u, lake)
     n = len(order)
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
@@ -287,7 +288,7 @@ def _keys(
 
 
 def _values(
-    files: list[Path],
+    lake: _Lake,
     types: Mapping[str, pa.DataType],
     wanted: Mapping[str, list[str]],
     matches: Mapping[str, tuple[np.ndarray, _Updates]],
@@ -299,20 +300,16 @@ def _values(
     """
     needs: dict[int, list[tuple[str, np.ndarray, np.ndarray]]] = {}
     for fs, (labels, u) in matches.items():
-        by_file = np.argsort(u.file)
-        files_of = u.file[by_file]
-        for f in np.unique(files_of):
-            mine = by_file[np.searchsorted(files_of, f) : np.searchsorted(files_of, f, side="right")]
-            mine = mine[np.argsort(u.row[mine])]
-            needs.setdefault(int(f), []).append((fs, labels[mine], u.row[mine]))
+        for f, mine in lake.by_file(u.place):
+            needs.setdefault(f, []).append((fs, labels[mine], u.place[mine] - lake.starts[f]))
 
     def read(
         item: tuple[int, list[tuple[str, np.ndarray, np.ndarray]]],
     ) -> list[tuple[str, np.ndarray, pa.Table]]:
         f, parts = item
-        present = file_schema(files[f])
+        present = file_schema(lake.files[f])
         columns = sorted({c for fs, _, _ in parts for c in wanted[fs] if c in present.names})
-        taken = _take_rows(files[f], columns, [rows for _, _, rows in parts])
+        taken = _take_rows(lake.files[f], columns, [rows for _, _, rows in parts])
         schema = pa.schema([present.field(c) for c in columns])
         return [
             (
@@ -484,7 +481,7 @@ def get_historical_features(
     label_times = _to_ms(table.column(time_column))
     times = pc.fill_null(label_times, 0).to_numpy()
     timed = pc.is_valid(label_times).to_numpy()
-    lake = _read_lake(files) if files else None
+    lake = _read_lake(files)  # there are files: the refs were found in them
     matches: dict[str, tuple[np.ndarray, _Updates]] = {}
     columns: dict[str, pa.Array] = {}
     for fs in sets:
@@ -492,19 +489,17 @@ def get_historical_features(
         keys = pc.unique(keys_column.drop_null())
         codes = pc.fill_null(pc.index_in(keys_column, value_set=keys), -1).to_numpy().astype(np.int64)
         codes[~timed] = -1
-        u = _updates(lake, fs, keys) if lake is not None else None
-        found = _match(u, files, codes, times, bitemporal) if u is not None else np.full(len(codes), -1)
+        u = _updates(lake, fs, keys)
+        found = _match(u, lake, codes, times, bitemporal)
         hit = np.flatnonzero(found >= 0)
-        if u is not None:
-            matches[fs] = (hit, u.take(found[hit]))
+        matches[fs] = (hit, u.take(found[hit]))
         if include_timestamps:
             for name in ("event_time", "write_time"):
                 at = np.zeros(len(codes), dtype=np.int64)
-                if u is not None:
-                    at[hit] = getattr(u, name)[found[hit]]
+                at[hit] = getattr(u, name)[found[hit]]
                 columns[f"{fs}:{name}"] = pa.array(at, mask=found < 0)
     wanted = {fs: [feature_column(fs, f) for f in fl] for fs, fl in sets.items()}
-    values = _values(files, types, wanted, matches, table.num_rows)
+    values = _values(lake, types, wanted, matches, table.num_rows)
     ordered: dict[str, pa.Array | pa.ChunkedArray] = {}
     for fs, refs in wanted.items():
         ordered.update((out_names[ref], values[ref]) for ref in refs)
