@@ -66,14 +66,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch.offline_store import OfflineStore, open_offline_store, table_name
-from features.definitions import Feature, FeatureSet
+from features.definitions import FeatureSet
 from features.predicates import sql_identifier, sql_literal
 from features.repository import FeatureRepository
 from features.sql import backfill_sql, own_columns, tiles_sql
 from features.tiles import backfill_tiles
 from headwater.errors import ConfigError, HeadwaterError
 from headwater.settings import Settings
-from processors.lake.columns import event_columns
+from processors.lake.columns import VALUE_EXCEPTIONS, VALUE_KEYS, event_columns, feature_column
 from processors.lake.layout import DATE_PREFIX, FileName, date_of
 from processors.lake.manifest import remove_lake_file
 from processors.lake.writer import write_parquet
@@ -229,44 +229,21 @@ def _latest(store: OfflineStore, fs: FeatureSet, tmp: str) -> pa.Table:
     )
 
 
-def _json_value(f: Feature) -> str:
-    """SQL for a feature's value as JSON, typed as the Avro map keeps it (see processors.lake.columns)."""
-    x = sql_identifier(f.name)
-    if f.dtype == "long":
-        text = f"toString({x})"
-    elif f.dtype == "boolean":
-        text = f"if({x}, 'true', 'false')"
-    elif f.dtype == "string":
-        text = f"toJSONString(toString({x}))"
-    else:  # a double stays a double through json.loads: 3 is written 3.0, as Python writes it
-        s = f"toString({x})"
-        text = (
-            f"multiIf(isNaN({x}), 'NaN', isInfinite({x}), if({x} > 0, 'Infinity', '-Infinity'), "
-            f"match({s}, '^-?[0-9]+$'), concat({s}, '.0'), {s})"
-        )
-    return f"if(isNull({x}), 'null', {text})"
+_ARROW_OF = {"long": pa.int64(), "double": pa.float64(), "boolean": pa.bool_(), "string": pa.string()}
+_SQL_OF = {"long": "toInt64", "double": "toFloat64", "boolean": "toBool", "string": "toString"}
 
 
 def _lake_sql(fs: FeatureSet, tmp: str, write_time: int) -> str:
     """The lake columns of feature updates (:mod:`processors.lake.columns`) for every computed row.
 
-    ``_partition`` and ``_offset`` are placeholders: :func:`_write_lake` numbers the rows per file.
+    Every feature is a key of the update's values (null where it has no value), as the stream
+    writes them, and its typed column has the feature's declared type. ``_partition`` and
+    ``_offset`` are placeholders: :func:`_write_lake` numbers the rows per file.
     """
-    ordered = sorted(fs.features, key=lambda f: f.name)  # the encoder sorts map keys
     name, version = sql_literal(fs.name), int(fs.version)
-    pairs = ", ".join(
-        f"{sql_literal(f.name)}, "
-        + (
-            "CAST(NULL AS Nullable(Float64))"
-            if f.dtype == "string"
-            else f"CAST({sql_identifier(f.name)}, 'Nullable(Float64)')"
-        )
-        for f in ordered
-    )
-    json_parts = ", ',', ".join(f"'\"{f.name}\":', {_json_value(f)}" for f in ordered)
+    keys = json.dumps([f.name for f in fs.features], separators=(",", ":"))
     typed = ", ".join(
-        f"{'toString' if f.dtype == 'string' else 'toFloat64'}({sql_identifier(f.name)}) "
-        f"AS {sql_identifier(f'{fs.name}:{f.name}')}"
+        f"{_SQL_OF[f.dtype]}({sql_identifier(f.name)}) AS {sql_identifier(feature_column(fs.name, f.name))}"
         for f in fs.features
     )
     return f"""
@@ -277,8 +254,8 @@ def _lake_sql(fs: FeatureSet, tmp: str, write_time: int) -> str:
             entity_key,
             toInt64(event_time) AS event_time,
             toInt64({write_time}) AS write_time,
-            CAST(map({pairs}), 'Map(String, Nullable(Float64))') AS `values`,
-            concat('{{', {json_parts}, '}}') AS values_json,
+            {sql_literal(keys)} AS {VALUE_KEYS},
+            CAST(map(), 'Map(String, String)') AS {VALUE_EXCEPTIONS},
             'BACKFILL' AS source,
             {sql_literal(TOPIC)} AS _topic,
             toInt32(0) AS _partition,
@@ -293,13 +270,26 @@ def _lake_sql(fs: FeatureSet, tmp: str, write_time: int) -> str:
 
 
 def _lake_schema(fs: FeatureSet, catalog: SchemaCatalog) -> pa.Schema:
-    """The feature-update columns, then one typed column per ``<feature set>:<feature>``."""
+    """The feature-update columns, then one column per ``<feature set>:<feature>`` of its declared type."""
     base = event_columns("feature_update", catalog.latest("feature_update").raw).arrow_schema()
     typed = [
-        pa.field(f"{fs.name}:{f.name}", pa.string() if f.dtype == "string" else pa.float64(), nullable=True)
-        for f in fs.features
+        pa.field(feature_column(fs.name, f.name), _ARROW_OF[f.dtype], nullable=True) for f in fs.features
     ]
     return pa.schema([*base, *typed])
+
+
+def _in_schema(table: pa.Table, fs: FeatureSet, schema: pa.Schema) -> pa.Table:
+    """A backfill file's rows in ``schema``. Files of releases that kept the values as a map and
+    as JSON (and every number as a double) get the key list and typed columns of today's."""
+    if VALUE_KEYS not in table.column_names:
+        n = table.num_rows
+        keys = json.dumps([f.name for f in fs.features], separators=(",", ":"))
+        table = table.append_column(VALUE_KEYS, pa.array([keys] * n, pa.string()))
+        empty = pa.MapArray.from_arrays(
+            pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string()), pa.array([], pa.string())
+        )
+        table = table.append_column(VALUE_EXCEPTIONS, empty)
+    return table.select(schema.names).cast(schema)
 
 
 # --- the lake files ----------------------------------------------------------------------------
@@ -412,7 +402,7 @@ def _rewrite_day(
             )
     parts = [new] if new is not None else []
     for f in mine:
-        old = pq.read_table(f.path).replace_schema_metadata(None).cast(schema)
+        old = _in_schema(pq.read_table(f.path).replace_schema_metadata(None), fs, schema)
         t = old.column("event_time")
         parts.append(old.filter(pc.or_(pc.less(t, start_ms), pc.greater_equal(t, end_ms))))
     parts = [p for p in parts if p.num_rows]

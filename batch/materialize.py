@@ -73,13 +73,13 @@ def _latest_sql(source: str, refs: list[str]) -> str:
 
 
 def _as_declared(fs: FeatureSet, table: pa.Table) -> pa.Table:
-    """The lake's doubles of ``long`` features back as integers.
+    """Doubles of ``long`` features back as integers.
 
-    The lake keeps every number as a double (:mod:`processors.lake.columns`), where the stream
-    (and ``backfill``) writes a count as an int: cast back, the online store holds the same
-    values of the same type, in smaller records (a small count is a one-byte msgpack fixint, a
-    double nine bytes: 40 % less to encode and write for the backfill benchmark's features).
-    A column whose values are not all whole int64s stays as read.
+    The lake types a long feature Int64 (:mod:`processors.lake.columns`), but a lake whose files
+    disagree (files of older releases kept every number as a double) reads it as doubles, where
+    the stream (and ``backfill``) writes a count as an int: cast back, the online store holds the
+    same values of the same type, in smaller records (a small count is a one-byte msgpack fixint,
+    a double nine bytes). A column whose values are not all whole int64s stays as read.
     """
     for f in fs.features:
         at = table.schema.get_field_index(f.name)
@@ -119,7 +119,10 @@ def materialize(
                 f"`headwater backfill {fs.name}` first"
             )
         wanted = {ref: available[ref] for ref in refs}
-        latest = store.query(_latest_sql(store.relation(FEATURE_TABLE, wanted), refs), {
+        # Every row, copies of an update included: they hold its event time and values, and
+        # among equal event times the later write wins, as in the online store.
+        relation = store.relation(FEATURE_TABLE, wanted, deduplicated=False)
+        latest = store.query(_latest_sql(relation, refs), {
             "fs": fs.name, "version": fs.version, "start": start_ms, "end": end_ms,
         })  # fmt: skip
         latest = _as_declared(fs, latest)

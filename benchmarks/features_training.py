@@ -5,8 +5,10 @@
 
 Data: one feature set of 50 float features over ``--entities`` entities; feature rows have
 event times spread over 30 days and write times 0-60 s later (a streaming pipeline's delay),
-and reach the lake in write-time order, as from the sink; labels pick a random entity and
-time in the same 30 days. Both systems read the same rows.
+and reach the lake in write-time order, as from the sink; ``--duplicates`` (1 %) of them are
+copies of an update written again up to 2 minutes later, as a processor's replay after a crash
+leaves them (Headwater reads each update once; Feast keeps the copy, whose values are the
+same). Labels pick a random entity and time in the same 30 days. Both systems read the same rows.
 
 Headwater's lake: the first batch goes through ``LakeWriter`` (the sink's real path); the
 rest is built column-wise with the same schema (checked), because writing 10M rows record by
@@ -54,19 +56,33 @@ FEATURE_SET = "bench"
 FIRST_BATCH = 10_000  # rows written through LakeWriter itself
 
 
-def feature_rows(n: int, entities: int, n_features: int, seed: int, *, span: tuple[int, int]) -> pd.DataFrame:
-    """``n`` updates with event times in ``[start, end)``, in arrival (write-time) order."""
+def feature_rows(
+    n: int, entities: int, n_features: int, seed: int, *, span: tuple[int, int], duplicates: float = 0.0
+) -> pd.DataFrame:
+    """``n`` updates with event times in ``[start, end)``, in arrival (write-time) order.
+
+    A ``duplicates`` share of them are copies of others (same event id and values, written up
+    to 2 minutes later), as a processor's replay after a crash leaves in the lake.
+    """
     rng = np.random.default_rng(seed)
     start, end = span
-    event = rng.integers(start, max(end, start + 1), n)
+    copies = int(n * duplicates)
+    base = n - copies
+    event = rng.integers(start, max(end, start + 1), base)
     data: dict[str, Any] = {
-        "entity_key": pd.Series(rng.integers(0, entities, n)).map("u{}".format),
+        "event_id": [f"{FEATURE_SET}|{seed}|{i}" for i in range(base)],
+        "entity_key": pd.Series(rng.integers(0, entities, base)).map("u{}".format),
         "event_time": event,
-        "write_time": event + rng.integers(0, 60_000, n),
+        "write_time": event + rng.integers(0, 60_000, base),
     }
-    values = rng.random((n, n_features))
+    values = rng.random((base, n_features))
     data.update({f"f{i:02d}": values[:, i] for i in range(n_features)})
-    return pd.DataFrame(data).sort_values("write_time", kind="stable", ignore_index=True)
+    frame = pd.DataFrame(data)
+    if copies:
+        again = frame.iloc[rng.integers(0, base, copies)].copy()
+        again["write_time"] += rng.integers(1, 120_000, copies)
+        frame = pd.concat([frame, again], ignore_index=True)
+    return frame.sort_values("write_time", kind="stable", ignore_index=True)
 
 
 def labels_frame(n: int, entities: int, seed: int) -> pd.DataFrame:
@@ -82,10 +98,10 @@ def labels_frame(n: int, entities: int, seed: int) -> pd.DataFrame:
 
 def _records(frame: pd.DataFrame, names: list[str]) -> list[dict[str, Any]]:
     out = []
-    for i, row in enumerate(frame.itertuples(index=False)):
+    for row in frame.itertuples(index=False):
         out.append(
             {
-                "event_id": f"{FEATURE_SET}|{row.entity_key}|{row.event_time}|{i}",
+                "event_id": row.event_id,
                 "feature_set": FEATURE_SET,
                 "feature_set_version": 1,
                 "entity_key": row.entity_key,
@@ -104,29 +120,18 @@ def bulk_table(frame: pd.DataFrame, first_offset: int, names: list[str], schema:
     ent = pa.array(frame["entity_key"], pa.string())
     offsets = np.arange(first_offset, first_offset + n, dtype=np.int64)
     values = {name: pa.array(frame[name].to_numpy(), pa.float64()) for name in names}
-    flat_keys = pa.array(np.tile(np.array(names, dtype=object), n), pa.string())
-    flat_vals = pa.array(
-        np.stack([frame[name].to_numpy() for name in names], axis=1).reshape(-1), pa.float64()
+    no_exceptions = pa.MapArray.from_arrays(
+        pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string()), pa.array([], pa.string())
     )
-    value_map = pa.MapArray.from_arrays(
-        pa.array(np.arange(0, n * len(names) + 1, len(names), dtype=np.int32)), flat_keys, flat_vals
-    )
-    parts: list[Any] = []
-    for i, name in enumerate(names):
-        parts += [f'{"{" if i == 0 else ","}"{name}":', pc.cast(values[name], pa.string())]
-    parts.append("}")
-    as_json = pc.binary_join_element_wise(*parts, "")
     columns: dict[str, Any] = {
-        "event_id": pc.binary_join_element_wise(
-            f"{FEATURE_SET}|", ent, "|", pc.cast(pa.array(offsets), pa.string()), ""
-        ),
+        "event_id": pa.array(frame["event_id"], pa.string()),
         "feature_set": pa.array([FEATURE_SET] * n, pa.string()),
         "feature_set_version": pa.array(np.ones(n, np.int32)),
         "entity_key": ent,
         "event_time": pa.array(frame["event_time"].to_numpy(), pa.int64()),
         "write_time": pa.array(frame["write_time"].to_numpy(), pa.int64()),
-        "values": value_map.cast(schema.field("values").type),
-        "values_json": as_json,
+        "value_keys": pa.array([json.dumps(names, separators=(",", ":"))] * n, pa.string()),
+        "value_exceptions": no_exceptions.cast(schema.field("value_exceptions").type),
         "source": pa.array(["STREAM"] * n, pa.string()),
         "_topic": pa.array(["feature-updates"] * n, pa.string()),
         "_partition": pa.array(np.zeros(n, np.int32)),
@@ -140,7 +145,14 @@ def bulk_table(frame: pd.DataFrame, first_offset: int, names: list[str], schema:
 
 
 def build_lake(
-    settings: Settings, rows: int, entities: int, n_features: int, *, batch_rows: int, seed: int
+    settings: Settings,
+    rows: int,
+    entities: int,
+    n_features: int,
+    *,
+    batch_rows: int,
+    seed: int,
+    duplicates: float = 0.0,
 ) -> int:
     """Writes the lake; returns how many files it holds. Also saves the rows for Feast."""
     names = [f"f{i:02d}" for i in range(n_features)]
@@ -150,7 +162,9 @@ def build_lake(
         # The stream arrives in time order: each flush covers the next slice of the 30 days.
         return T0 + SPAN_MS * offset // rows, T0 + SPAN_MS * (offset + n) // rows
 
-    first = feature_rows(FIRST_BATCH, entities, n_features, seed, span=slice_of(0, FIRST_BATCH))
+    first = feature_rows(
+        FIRST_BATCH, entities, n_features, seed, span=slice_of(0, FIRST_BATCH), duplicates=duplicates
+    )
     (real,) = {p for p in writer.write("feature-updates", list(enumerate_rows(_records(first, names))))[:1]}
     schema = pq.read_schema(real).remove_metadata()
     check = bulk_table(first, 0, names, schema)
@@ -159,7 +173,9 @@ def build_lake(
     offset, part = FIRST_BATCH, 1
     while offset < rows:
         n = min(batch_rows, rows - offset)
-        frame = feature_rows(n, entities, n_features, seed + part, span=slice_of(offset, n))
+        frame = feature_rows(
+            n, entities, n_features, seed + part, span=slice_of(offset, n), duplicates=duplicates
+        )
         table = bulk_table(frame, offset, names, schema)
         dates = pa.array([date_of(int(t)) for t in frame["event_time"].to_numpy()])
         for date in pc.unique(dates).to_pylist():
@@ -168,7 +184,9 @@ def build_lake(
             pq.write_table(
                 table.filter(pc.equal(dates, date)),
                 folder / f"feature-updates+0+{offset}-{offset + n - 1}.parquet",
-                use_dictionary=[f.name for f in schema if not pa.types.is_floating(f.type)],  # as LakeWriter
+                # As LakeWriter: floats plain and uncompressed, the rest with dictionaries and snappy.
+                use_dictionary=[f.name for f in schema if not pa.types.is_floating(f.type)],
+                compression={f.name: "none" if pa.types.is_floating(f.type) else "snappy" for f in schema},
             )
         offset, part = offset + n, part + 1
     return len(list(topic_dir.rglob("*.parquet")))
@@ -259,12 +277,19 @@ def scenario(
         settings = load_settings(data_dir=workdir / "data")
         start = time.perf_counter()
         files = build_lake(
-            settings, rows, args.entities, args.features, batch_rows=batch_rows, seed=args.seed
+            settings,
+            rows,
+            args.entities,
+            args.features,
+            batch_rows=batch_rows,
+            seed=args.seed,
+            duplicates=args.duplicates,
         )
         labels = labels_frame(labels_n, args.entities, args.seed + 999)
+        size = sum(p.stat().st_size for p in settings.lake_dir.rglob("*.parquet"))
         print(
             f"  lake: {rows:,} feature rows x {args.features} features in {files} files "
-            f"({sum(p.stat().st_size for p in settings.lake_dir.rglob('*.parquet')) / 2**30:.2f} GiB), "
+            f"({size / 2**30:.2f} GiB, {size / (rows * args.features):.1f} bytes per value), "
             f"built in {time.perf_counter() - start:.0f} s",
             flush=True,
         )
@@ -337,6 +362,9 @@ def main() -> None:
     parser.add_argument("--batch-rows", type=int, default=100_000, help="offsets per sink flush")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--duplicates", type=float, default=0.01, help="share of rows that are replayed copies of others"
+    )
     parser.add_argument("--no-feast", action="store_true")
     parser.add_argument("--big", action="store_true", help="also 1M labels x 10M rows, Headwater alone")
     parser.add_argument("--big-labels", type=int, default=1_000_000)

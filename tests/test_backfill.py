@@ -9,7 +9,6 @@ update per entity.
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from pathlib import Path
@@ -27,7 +26,7 @@ from features.examples.clickstream import repository
 from headwater.errors import ConfigError, NotFoundError
 from headwater.sample_data import merged_events
 from headwater.settings import Settings, load_settings
-from processors.lake import LakeWriter
+from processors.lake import LakeReader, LakeWriter
 from serving.online_store import open_online_store
 from streams.catalog import SchemaCatalog
 from tests.features.oracle import same_tiles
@@ -82,17 +81,20 @@ def lake_settings(tmp_path: Path, clicks_lake: Path) -> Settings:
 
 
 def lake_rows(settings: Settings, feature_set: str) -> pd.DataFrame:
-    with open_offline_store(settings) as store:
-        return store.query_df(
-            "SELECT entity_key, event_time, write_time, values_json, source, _partition, _offset "
-            "FROM feature_updates WHERE feature_set = {fs:String} ORDER BY entity_key, event_time",
-            {"fs": feature_set},
-        )
+    """The feature set's updates as the lake reader rebuilds them (exact Avro values)."""
+    reader = LakeReader(settings, SchemaCatalog.load(settings.schemas_dir))
+    rows = [
+        {**{k: r.record[k] for k in ("entity_key", "event_time", "write_time", "values", "source")},
+         "_partition": r.partition, "_offset": r.offset}
+        for r in reader.iter_records("feature-updates")
+        if r.record["feature_set"] == feature_set
+    ]  # fmt: skip
+    return pd.DataFrame(rows).sort_values(["entity_key", "event_time"], ignore_index=True)
 
 
 def as_updates(rows: pd.DataFrame) -> dict[tuple[str, int], Values]:
     keys = zip(rows["entity_key"], rows["event_time"].astype(int), strict=True)
-    return {(k, t): json.loads(v) for (k, t), v in zip(keys, rows["values_json"], strict=True)}
+    return {(k, t): v for (k, t), v in zip(keys, rows["values"], strict=True)}
 
 
 def latest_per_entity(updates: dict[tuple[str, int], Values]) -> dict[str, tuple[int, Values]]:
@@ -123,8 +125,8 @@ def test_backfill_equals_the_streaming_engine_at_every_update_time(
     want = expected[name]
     rows = lake_rows(lake_settings, name)
     assert (result.updates, len(rows)) == (len(want), len(want)) and len(want) > 29_000
-    # Every value, every update time: ints stay ints, doubles doubles, nulls null (values_json
-    # is the exact Avro map a replay would produce).
+    # Every value, every update time: ints stay ints, doubles doubles, nulls null (the lake
+    # reader rebuilds the exact Avro map a replay would produce).
     assert as_updates(rows) == want
     assert set(rows["source"]) == {"BACKFILL"} and rows["write_time"].nunique() == 1
     assert (rows["_partition"] >= PARTITION_BASE).all()

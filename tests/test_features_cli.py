@@ -17,12 +17,11 @@ import pytest
 import typer
 from typer.testing import CliRunner, Result
 
-from batch.offline_store import open_offline_store
 from headwater.cli.features import parse_time, register
 from headwater.errors import HeadwaterError
 from headwater.sample_data import merged_events
 from headwater.settings import Settings, load_settings
-from processors.lake import LakeWriter
+from processors.lake import LakeReader, LakeWriter
 from serving.online_store import open_online_store
 from streams.catalog import SchemaCatalog
 
@@ -144,11 +143,16 @@ def test_describe_computes_the_figures_in_clickhouse(lake_settings: Settings) ->
         0,
     )
 
-    with open_offline_store(lake_settings) as store:
-        lake = store.query_df(
-            "SELECT event_time, values_json FROM feature_updates WHERE feature_set = 'user_activity'"
+    # The oracle: the updates as the lake reader rebuilds them, summarised by pandas.
+    updates = [
+        r.record
+        for r in LakeReader(lake_settings, SchemaCatalog.load(lake_settings.schemas_dir)).iter_records(
+            "feature-updates"
         )
-    values = pd.DataFrame([json.loads(v) for v in lake["values_json"]])
+        if r.record["feature_set"] == "user_activity"
+    ]
+    lake = pd.DataFrame({"event_time": [u["event_time"] for u in updates]})
+    values = pd.DataFrame([u["values"] for u in updates])
     features = {f["name"]: f for f in out["features"]}
     assert len(features) == 15
     for name in ("clicks_24h", "mean_position_24h", "best_clicked_position_7d"):

@@ -9,6 +9,12 @@ Each topic is a table named like the topic with hyphens as underscores (``clicks
 * ``clickhouse``: MergeTree tables on a ClickHouse server, loaded from the lake.
 
 Parameters use ClickHouse's ``{name:Type}`` placeholders on both.
+
+Every table shows each event once: copies of an event (a processor's replay after a crash, a
+client's retry), which share its id (``event_id``; ``prediction_id`` for predictions), are
+read as the first written copy, the one with the smallest ``(_ingest_time, _partition,
+_offset)`` (:func:`first_copies_sql`; the lake reader and training sets apply the same rule).
+``relation(table, deduplicated=False)`` gives every archived row.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import date, datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -28,7 +35,7 @@ import pyarrow as pa
 from headwater.errors import HeadwaterError, NotFoundError
 from streams.topics import TOPICS, TopicSpec
 
-__all__ = ["OfflineStore", "QueryError", "render_params", "table_name", "topic_of_table"]
+__all__ = ["OfflineStore", "QueryError", "first_copies_sql", "render_params", "table_name", "topic_of_table"]
 
 
 class QueryError(HeadwaterError):
@@ -50,10 +57,30 @@ def topic_of_table(table: str) -> TopicSpec:
     return spec
 
 
+def first_copies_sql(rows: str, ids: str, id_field: str) -> str:
+    """A subquery of the rows of ``rows`` without the later copies of an event.
+
+    ``ids`` is a (narrow) relation over the same rows with the id, ``_ingest_time``,
+    ``_partition`` and ``_offset``. Ids seen more than once are found first (a count per id, no
+    state per row), then only their copies are sorted: with no duplicate, the cost is one
+    aggregation over the id column. Copies at the same lake position are one record (a rewrite
+    caught mid-way), not later copies.
+    """
+    place = "(_ingest_time, _partition, _offset)"
+    later = f"""
+        SELECT later.1, later.2, later.3 FROM (
+            SELECT arrayJoin(arrayPopFront(arraySort(arrayDistinct(groupArray({place}))))) AS later
+            FROM {ids}
+            WHERE `{id_field}` IN (SELECT `{id_field}` FROM {ids} GROUP BY `{id_field}` HAVING count() > 1)
+            GROUP BY `{id_field}`)"""
+    return f"(SELECT * FROM {rows} WHERE {place} NOT IN ({later}))"
+
+
 class OfflineStore(ABC):
     """SQL over the history of every topic; one implementation per backend."""
 
     kind: str = ""
+    lake: Path  # the Parquet lake the tables come from (training sets read it directly)
 
     @abstractmethod
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
@@ -76,8 +103,13 @@ class OfflineStore(ABC):
         """Columns present in the data beyond the schema's (``<feature_set>:<feature>``), with types."""
 
     @abstractmethod
-    def relation(self, table: str, extra: Mapping[str, str] | None = None) -> str:
-        """A SQL table expression for ``table`` that also exposes the ``extra`` columns."""
+    def relation(
+        self, table: str, extra: Mapping[str, str] | None = None, *, deduplicated: bool = True
+    ) -> str:
+        """A SQL table expression for ``table`` that also exposes the ``extra`` columns.
+
+        Each event once (see the module docstring), unless ``deduplicated=False``.
+        """
 
     @abstractmethod
     def stage(self, data: pa.Table, name: str) -> str:

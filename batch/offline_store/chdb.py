@@ -9,12 +9,16 @@ creates, in a database of its own, one view per topic::
 
 Views are made on first use: before a statement that names the table (any statement naming
 ``tables``, as ``SHOW TABLES``, gets them all). Each costs ~2 ms, and most uses name one or
-two of the eleven (``materialize`` none: it reads ``relation()``).
+two of the eleven (``materialize`` none: it reads ``relation()``). Each view shows every
+event once (:func:`batch.offline_store.base.first_copies_sql`).
 
 The glob is expanded at every query, so a view sees the files the lake sink wrote after it
 was created, and the explicit columns (from the Avro schema) make a topic without files an
 empty table with the right columns. Files being written have temporary names that the glob
-does not match, so any number of processes query while the sink writes.
+does not match, so any number of processes query while the sink writes. ``feature_updates``
+also has a column per ``<feature_set>:<feature>`` in the lake, typed as every file can be read
+(from the files' footers, cached): its view is made again when a statement names it after new
+feature columns appeared.
 
 Only one chdb engine can exist per process: every chdb use in a Headwater process goes
 through :class:`ChdbOfflineStore` (stores share the engine, each has its own session and
@@ -41,11 +45,12 @@ from typing import Any
 import pyarrow as pa
 from pyarrow import feather
 
-from batch.offline_store.base import OfflineStore, QueryError, table_name, topic_of_table
+from batch.offline_store.base import OfflineStore, QueryError, first_copies_sql, table_name, topic_of_table
 from headwater.errors import ConfigError
 from headwater.settings import Settings
-from processors.lake.columns import EventColumns, event_columns
+from processors.lake.columns import EventColumns, clickhouse_type, event_columns
 from processors.lake.integrity import LakeWatch
+from processors.lake.reader import feature_column_types
 from streams.catalog import SchemaCatalog
 from streams.topics import TOPICS
 
@@ -64,6 +69,7 @@ _SESSION_SETTINGS = {
 _GLOB_CHARS = set("*?{}[]")
 _counter = itertools.count()
 _ALL_VIEWS = re.compile(r"\btables\b", re.IGNORECASE)  # SHOW TABLES, system.tables: list them all
+_FEATURE_TABLE = "feature_updates"  # the one table with columns beyond its schema's
 
 # The session that keeps this process's engine running (see the module's docstring), by pid:
 # a forked child must not close its parent's.
@@ -109,8 +115,8 @@ class ChdbOfflineStore(OfflineStore):
         _keep_engine(Session)
         self._session: Any = Session(":memory:")  # type: ignore[no-untyped-call]
         self._closed = False
-        self._named = {table: re.compile(rf"\b{table}\b") for table in self._columns}
-        self._unmade = dict(self._named)  # views not made yet
+        self._names = {table: re.compile(rf"\b{table}\b") for table in self._columns}
+        self._views: dict[str, tuple[tuple[str, str], ...]] = {}  # made views -> their extra columns
         self._watch = LakeWatch(self.lake)  # warns when a query's files change under it
         self._views_lock = threading.Lock()  # sessions are thread-safe; so is making views
         setup = [f"CREATE DATABASE IF NOT EXISTS {self.database}", f"USE {self.database}"]
@@ -118,17 +124,21 @@ class ChdbOfflineStore(OfflineStore):
         self._run(";\n".join(setup), "CSV", None)  # one call: each costs ~1 ms of its own
 
     def _make_views(self, sql: str) -> None:
-        """Create the views ``sql`` names (all, if it names ``tables``), once each."""
-        if not self._unmade:
-            return
+        """Create the views ``sql`` names (all, if it names ``tables``), again if their columns grew."""
         every = _ALL_VIEWS.search(sql) is not None
+        named = [t for t, name in self._names.items() if every or name.search(sql)]
+        if not named:
+            return
         with self._views_lock:
-            named = [table for table, name in self._unmade.items() if every or name.search(sql)]
-            if named:
-                views = (f"CREATE OR REPLACE VIEW `{t}` AS SELECT * FROM {self.relation(t)}" for t in named)
+            wanted = {t: tuple(self.extra_columns(t).items()) if t == _FEATURE_TABLE else () for t in named}
+            stale = [t for t in named if self._views.get(t) != wanted[t]]
+            if stale:
+                views = (
+                    f"CREATE OR REPLACE VIEW `{t}` AS SELECT * FROM {self.relation(t, dict(wanted[t]))}"
+                    for t in stale
+                )
                 self._run(";\n".join(views), "CSV", None)
-                for table in named:
-                    del self._unmade[table]
+                self._views.update((t, wanted[t]) for t in stale)
 
     # -- SQL ----------------------------------------------------------------------------
     def _run(self, sql: str, fmt: str, params: Mapping[str, Any] | None) -> Any:
@@ -144,7 +154,7 @@ class ChdbOfflineStore(OfflineStore):
         """The topics whose files ``sql`` reads: through a view, or a relation() it embeds."""
         return [
             topic_of_table(t).logical
-            for t, name in self._named.items()
+            for t, name in self._names.items()
             if name.search(sql) or f"{self.lake}/{topic_of_table(t).logical}/" in sql
         ]
 
@@ -173,7 +183,9 @@ class ChdbOfflineStore(OfflineStore):
     def glob(self, table: str) -> str:
         return str(self.lake / topic_of_table(table).logical / "*" / "*.parquet")
 
-    def relation(self, table: str, extra: Mapping[str, str] | None = None) -> str:
+    def relation(
+        self, table: str, extra: Mapping[str, str] | None = None, *, deduplicated: bool = True
+    ) -> str:
         cols = self._columns.get(table)
         if cols is None:
             topic_of_table(table)  # raises NotFoundError listing the tables
@@ -181,21 +193,19 @@ class ChdbOfflineStore(OfflineStore):
         structure = cols.clickhouse_structure()
         if extra:
             structure += ", " + ", ".join(f"`{name}` {type_}" for name, type_ in extra.items())
-        return f"file({_quote(self.glob(table))}, Parquet, {_quote(structure)})"
+        glob = _quote(self.glob(table))
+        rows = f"file({glob}, Parquet, {_quote(structure)})"
+        if not deduplicated or cols.id_field is None:
+            return rows
+        narrow = f"`{cols.id_field}` String, _ingest_time Int64, _partition Int32, _offset Int64"
+        return first_copies_sql(rows, f"file({glob}, Parquet, {_quote(narrow)})", cols.id_field)
 
     def extra_columns(self, table: str) -> dict[str, str]:
-        # `date` is the hive-style folder name (date=YYYY-MM-DD), which DESCRIBE reports too.
-        known = {c.name for c in self._columns[table].columns} | {"date"}
-        if not any((self.lake / topic_of_table(table).logical).glob("*/*.parquet")):
+        topic_of_table(table)
+        if table != _FEATURE_TABLE:
             return {}
-        described = self.query(f"DESCRIBE TABLE file({_quote(self.glob(table))}, Parquet)")
-        names, types = described.column("name").to_pylist(), described.column("type").to_pylist()
         # Always Nullable: a file written before a feature existed must read NULL, not 0.
-        return {
-            n: t if t.startswith("Nullable(") else f"Nullable({t})"
-            for n, t in zip(names, types, strict=True)
-            if n not in known
-        }
+        return {name: clickhouse_type(t) for name, t in feature_column_types(self.lake).items()}
 
     # -- staging ------------------------------------------------------------------------
     def stage(self, data: pa.Table, name: str) -> str:

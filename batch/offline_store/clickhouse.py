@@ -4,9 +4,11 @@ Each topic gets a ``ReplacingMergeTree`` table ``<table>__lake`` ordered by
 ``(_topic, _partition, _offset)``: re-loading a rewritten lake file, or the rows a superseding
 write kept, replaces rows instead of duplicating them. Queries read the view ``<table>``
 (``SELECT * FROM <table>__lake FINAL``), so the SQL is the same as in the embedded store and
-exact even before background merges. :meth:`refresh` loads the lake files that are new or
-changed since the last load (recorded in ``_headwater_lake_files``); columns that appear in
-the data beyond the schema (``<feature_set>:<feature>``) are added with ``ALTER TABLE``.
+exact even before background merges, and each event once (later copies of an event id left
+out, as in the embedded store). :meth:`refresh` loads the lake files that are new or changed
+since the last load (recorded in ``_headwater_lake_files``); feature columns that appear in the
+data beyond the schema (``<feature_set>:<feature>``) are added with ``ALTER TABLE``, and widened
+when a file holds a wider type (a long feature that some file stored as doubles).
 
 Needs ClickHouse >= 23 (Map, ASOF JOIN, window functions, ``FINAL`` on views' tables).
 """
@@ -20,12 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch.offline_store.base import OfflineStore, QueryError, render_params, table_name, topic_of_table
+from batch.offline_store.base import (
+    OfflineStore,
+    QueryError,
+    first_copies_sql,
+    render_params,
+    table_name,
+    topic_of_table,
+)
 from headwater.errors import ConfigError
 from headwater.settings import Settings, redact_url
-from processors.lake.columns import EventColumns, event_columns
+from processors.lake.columns import EventColumns, clickhouse_type, event_columns, unify_types
 from processors.lake.writer import TopicLake
 from streams.catalog import SchemaCatalog
 from streams.topics import TOPICS
@@ -186,15 +196,21 @@ class ClickHouseOfflineStore(OfflineStore):
             self._create_view(table)
 
     def _create_view(self, table: str) -> None:
-        self.execute(f"CREATE OR REPLACE VIEW `{table}` AS SELECT * FROM `{table}__lake` FINAL")
+        self.execute(f"CREATE OR REPLACE VIEW `{table}` AS SELECT * FROM {self.relation(table)}")
 
     def tables(self) -> list[str]:
         return sorted(self._columns)
 
-    def relation(self, table: str, extra: Mapping[str, str] | None = None) -> str:
+    def relation(
+        self, table: str, extra: Mapping[str, str] | None = None, *, deduplicated: bool = True
+    ) -> str:
         topic_of_table(table)
         # The table itself rather than the view: columns added since the view was made count.
-        return f"`{table}__lake` FINAL"
+        rows = f"`{table}__lake` FINAL"
+        id_field = self._columns[table].id_field
+        if not deduplicated or id_field is None:
+            return rows
+        return first_copies_sql(rows, rows, id_field)
 
     def extra_columns(self, table: str) -> dict[str, str]:
         known = {c.name for c in self._columns[table].columns}
@@ -223,14 +239,29 @@ class ClickHouseOfflineStore(OfflineStore):
 
     def _load_file(self, table: str, path: Path) -> None:
         data = pq.read_table(path)
-        existing = set(self.extra_columns(table)) | {c.name for c in self._columns[table].columns}
-        added = [f for f in data.schema if f.name not in existing]
-        for field in added:
-            self.execute(
-                f"ALTER TABLE `{table}__lake` ADD COLUMN IF NOT EXISTS `{field.name}` "
-                f"{arrow_to_clickhouse(field.type)}"
-            )
-        if added:
+        known = {c.name for c in self._columns[table].columns}
+        # Lake columns of older releases (a feature update's values map and its JSON) stay out.
+        data = data.select([n for n in data.column_names if n in known or ":" in n])
+        existing = self.extra_columns(table)
+        changed = False
+        for field in data.schema:
+            if field.name in known:
+                continue
+            have = clickhouse_to_arrow(existing[field.name]) if field.name in existing else None
+            wanted = unify_types([field.type] if have is None else [have, field.type])
+            alter = f"ALTER TABLE `{table}__lake`"
+            if have is None:
+                self.execute(f"{alter} ADD COLUMN IF NOT EXISTS `{field.name}` {clickhouse_type(wanted)}")
+            elif wanted != have:
+                self.execute(f"{alter} MODIFY COLUMN `{field.name}` {clickhouse_type(wanted)}")
+            changed |= wanted != have
+            if wanted != field.type:
+                data = data.set_column(
+                    data.schema.get_field_index(field.name),
+                    field.with_type(wanted),
+                    pc.cast(data[field.name], wanted),
+                )
+        if changed:
             self._create_view(table)
         names = data.column_names
         columns = _driver_columns(data)

@@ -2,7 +2,8 @@
 
 Discovery reads the definitions from the feature repository and the data about them from the
 offline store, every figure computed by ClickHouse over ``feature_updates`` (streamed and
-backfilled updates alike, of the feature set's current version): rows, entities, freshness
+backfilled updates alike, of the feature set's current version, each update once: a copy a
+replay left in the lake is not counted again): rows, entities, freshness
 (the age of the newest value, by event time), last write, update frequency, and per feature
 the missing share, mean and variance. Consumers are the models whose ``feature_refs`` in the
 ``models`` table name the feature set. Register with ``register(app)``.

@@ -9,7 +9,7 @@ The Kafka edge (consume, :meth:`LakeWriter.write`, then commit) lives with the p
 from processors.lake.columns import META_COLUMNS, EventColumns, event_columns
 from processors.lake.integrity import LakeWatch, check_lake
 from processors.lake.layout import FileName, FilePlan, LakeRow, plan_files
-from processors.lake.reader import LakeReader, LakeRecord
+from processors.lake.reader import LakeReader, LakeRecord, first_copies
 from processors.lake.writer import LakeWriter, TopicLake
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "TopicLake",
     "check_lake",
     "event_columns",
+    "first_copies",
     "plan_files",
 ]

@@ -18,40 +18,55 @@ record (nested)                    struct                              Tuple(nam
 union of several scalar types      string holding the JSON value       String (JSONExtract*)
 =================================  ==================================  ============================
 
-A **map whose values are a union of several scalar types** -- ``feature_update.values`` --
-becomes two columns, chosen so SQL stays pleasant and nothing is lost:
+A **feature update's** ``values`` (a map whose values are a union of scalar types) is stored
+once, as typed columns, so SQL and training sets read plain columns and a replay is exact:
 
-* ``values``: ``Map(String, Nullable(Float64))``, every key with its numeric value
-  (booleans as 0/1, longs as doubles, strings and nulls as NULL): ``values['clicks_1h']``.
-* ``values_json``: the exact map as JSON (``JSONExtractString(values_json, 'last_item')``);
-  the lake reader rebuilds the original record from it, so a replay is exact.
+* one column per ``<feature_set>:<feature>`` present in the file, named exactly like the
+  feature reference and typed by its values: ``Int64`` for longs, ``Float64`` for doubles,
+  ``Bool`` for booleans, ``String`` for strings (``Nullable``; NULL in rows of other feature
+  sets and where the value is null). A map is searched key by key in every row (measured 15x
+  slower than plain columns for 50 features) and its JSON twin cost four times the bytes.
+* ``value_keys``: the map's keys as a JSON array (``["clicks_1h","last_item"]``): it tells a
+  key whose value is null from an absent key. One per feature set version, so the column is
+  dictionary-encoded to almost nothing.
+* ``value_exceptions``: ``Map(String, String)``, normally empty: the JSON of each value its
+  column cannot hold exactly, when one batch mixes types for a feature (a long among doubles is
+  stored as a double and listed here; see :func:`_typed_column`).
 
-Feature updates also get one typed column per ``<feature_set>:<feature>`` present in the
-file (:func:`feature_value_columns`), named exactly like the feature reference:
-``Nullable(Float64)`` for numbers and booleans, ``Nullable(String)`` for strings. Point-in-time
-retrieval reads those: a map must be searched key by key in every row (measured 15x slower
-than plain columns for 50 features), a column is read at memory speed.
+A column's type is chosen per file, so one feature may be ``Int64`` in one file and ``Float64``
+in another: :func:`unify_types` gives the type every reader declares for it (the offline
+store's views, training sets), while :meth:`EventColumns.records` decodes each file with its
+own types, exactly. A feature whose values are all null in a file has no column there (no value
+says its type); ``value_keys`` still lists it.
+
+Other maps of scalar unions (none today) become ``Map(String, Nullable(String))`` of JSON values.
 
 Lake metadata columns (:data:`META_COLUMNS`) follow the event's own fields.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from headwater.errors import ConfigError
 
 __all__ = [
     "META_COLUMNS",
+    "VALUE_EXCEPTIONS",
+    "VALUE_KEYS",
     "Column",
     "EventColumns",
+    "clickhouse_type",
     "event_columns",
-    "feature_value_columns",
+    "feature_column",
+    "unify_types",
 ]
 
 Encode = Callable[[Any], Any]
@@ -107,14 +122,6 @@ def _identity(v: Any) -> Any:
 
 def _json_dumps(v: Any) -> str:
     return json.dumps(v, sort_keys=True, separators=(",", ":"))
-
-
-def _numeric(v: Any) -> float | None:
-    if isinstance(v, bool):
-        return 1.0 if v else 0.0
-    if isinstance(v, int | float):
-        return float(v)
-    return None
 
 
 class _Names:
@@ -219,12 +226,149 @@ def _ch(c: _Codec) -> str:
     return f"Nullable({c.clickhouse})" if c.nullable and not composite else c.clickhouse
 
 
-def _is_scalar_union_map(t: Any, names: _Names) -> bool:
-    t = names.resolve(t)
-    if not (isinstance(t, dict) and t.get("type") == "map" and isinstance(t["values"], list)):
-        return False
-    non_null = [b for b in t["values"] if b != "null"]
-    return len(non_null) > 1 and all(_branch_name(names.resolve(b)) in _JSON_SCALARS for b in non_null)
+# -- a feature update's values: typed columns ------------------------------------------------------
+
+FEATURE_VALUES = ("feature_update", "values")  # (event type, field) stored as typed columns
+FEATURE_SET_FIELD = "feature_set"  # the field that names the columns: <feature_set>:<feature>
+VALUE_KEYS = "value_keys"
+VALUE_EXCEPTIONS = "value_exceptions"
+_EXCEPTIONS_TYPE = pa.map_(pa.string(), pa.field("value", pa.string(), nullable=False))
+_LEGACY_JSON = "values_json"  # files written before the typed columns were the only copy
+
+# Column types of a batch's numbers, widest first: a numeric column takes the first that any of
+# them has, so every number it holds keeps its value (a long among doubles as a double).
+_NUMBERS: tuple[tuple[type, pa.DataType], ...] = (
+    (float, pa.float64()),
+    (int, pa.int64()),
+    (bool, pa.bool_()),
+)
+_CLICKHOUSE_OF = {pa.float64(): "Float64", pa.int64(): "Int64", pa.bool_(): "Bool", pa.string(): "String"}
+
+
+def feature_column(feature_set: str, feature: str) -> str:
+    """The lake column of a feature: named like its reference."""
+    return f"{feature_set}:{feature}"
+
+
+def unify_types(types: Iterable[pa.DataType]) -> pa.DataType:
+    """The one type readers give a feature column that files typed differently.
+
+    Strings win over everything (numbers read as their text), then doubles, then longs (a
+    boolean reads as 0/1). Files of older releases held doubles and strings only.
+    """
+    seen = {t for t in types if not pa.types.is_null(t)}
+    if len(seen) == 1:
+        return seen.pop()
+    for t in (pa.string(), pa.float64(), pa.int64()):
+        if t in seen:
+            return t
+    return pa.string() if not seen else pa.float64()
+
+
+def clickhouse_type(t: pa.DataType) -> str:
+    """The (Nullable) ClickHouse type a view declares for a feature column of Arrow type ``t``."""
+    ch = _CLICKHOUSE_OF.get(t)
+    if ch is None:
+        raise ConfigError(f"a feature column of Arrow type {t} is not one the lake writes")
+    return f"Nullable({ch})"
+
+
+def _python_kind(v: Any) -> type:
+    return bool if isinstance(v, bool) else int if isinstance(v, int) else type(v)
+
+
+def _typed_column(values: list[Any]) -> tuple[pa.Array, dict[int, str]]:
+    """One feature's values in a batch as an Arrow array, and the JSON of those it cannot hold.
+
+    Numbers only: the widest numeric type. Strings only: strings. Both (a producer's mistake):
+    whichever are more; a string column holds a number as its JSON text, a numeric column holds
+    NULL for a string. Values of another type than the column's are listed as exceptions.
+    """
+    kinds = [_python_kind(v) for v in values if v is not None]
+    strings = kinds.count(str)
+    kind: type
+    arrow: pa.DataType
+    if strings * 2 > len(kinds):
+        kind, arrow = str, pa.string()
+    else:
+        kind, arrow = next((k, t) for k, t in _NUMBERS if k in kinds)
+    if all(k is kind for k in kinds):
+        return pa.array(values, arrow), {}
+    exceptions: dict[int, str] = {}
+    held: list[Any] = []
+    for i, v in enumerate(values):
+        if v is None or _python_kind(v) is kind:
+            held.append(v)
+            continue
+        exceptions[i] = _json_dumps(v)
+        if kind is str:
+            held.append(exceptions[i])
+        else:  # a narrower number converts without loss; a string has no number
+            held.append(None if isinstance(v, str) else kind(v))
+    return pa.array(held, arrow), exceptions
+
+
+# One key list per feature set version in practice: cached, and bounded whatever producers send.
+@functools.lru_cache(maxsize=1024)
+def _keys_json(keys: tuple[str, ...]) -> str:
+    return json.dumps(list(keys), separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _keys_of(text: str) -> tuple[str, ...]:
+    return tuple(json.loads(text))
+
+
+class _FeatureValues:
+    """Encodes and decodes the ``values`` of feature updates (see the module docstring)."""
+
+    columns = (
+        Column(VALUE_KEYS, pa.string(), False, "String"),
+        Column(VALUE_EXCEPTIONS, _EXCEPTIONS_TYPE, False, "Map(String, String)"),
+    )
+
+    def encode(
+        self, records: Sequence[Mapping[str, Any]]
+    ) -> tuple[dict[str, list[Any]], dict[str, pa.Array]]:
+        """(``value_keys`` and ``value_exceptions`` lists, the batch's typed columns by name)."""
+        n = len(records)
+        keys_col: list[str] = []
+        by_column: dict[str, list[Any]] = {}
+        for i, record in enumerate(records):
+            values: Mapping[str, Any] = record.get("values") or {}
+            keys_col.append(_keys_json(tuple(values)))
+            fs = record[FEATURE_SET_FIELD]
+            for feature, value in values.items():
+                if value is None:
+                    continue
+                name = feature_column(fs, feature)
+                column = by_column.get(name)
+                if column is None:
+                    column = by_column[name] = [None] * n
+                column[i] = value
+        exceptions: list[list[tuple[str, str]]] = [[] for _ in range(n)]
+        typed: dict[str, pa.Array] = {}
+        for name in sorted(by_column):
+            typed[name], misfits = _typed_column(by_column[name])
+            for i, text in misfits.items():
+                feature = name[len(records[i][FEATURE_SET_FIELD]) + 1 :]  # the set's name may hold ':'
+                exceptions[i].append((feature, text))
+        return {VALUE_KEYS: keys_col, VALUE_EXCEPTIONS: exceptions}, typed
+
+    def decode(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        text = row.get(VALUE_KEYS)
+        if text is None:
+            legacy = row.get(_LEGACY_JSON)
+            return dict(json.loads(legacy)) if legacy is not None else {}
+        fs = row[FEATURE_SET_FIELD]
+        exceptions = dict(row.get(VALUE_EXCEPTIONS) or ())
+        return {
+            k: json.loads(exceptions[k]) if k in exceptions else row.get(feature_column(fs, k))
+            for k in _keys_of(text)
+        }
+
+
+# -- every event type ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -237,27 +381,6 @@ class _FieldCodec:
 
 def _field_codec(field: Mapping[str, Any], names: _Names, namespace: str | None, where: str) -> _FieldCodec:
     name = field["name"]
-    if _is_scalar_union_map(field["type"], names):
-        json_name = f"{name}_json"
-
-        def encode_map(v: Any) -> tuple[Any, ...]:
-            v = v or {}
-            return [(k, _numeric(x)) for k, x in sorted(v.items())], _json_dumps(v)
-
-        return _FieldCodec(
-            name,
-            (
-                Column(
-                    name,
-                    pa.map_(pa.string(), pa.field("value", pa.float64(), nullable=True)),
-                    False,
-                    "Map(String, Nullable(Float64))",
-                ),
-                Column(json_name, pa.string(), False, "String"),
-            ),
-            encode_map,
-            lambda row: json.loads(row[json_name]) if row.get(json_name) is not None else {},
-        )
     codec = _codec(field["type"], names, namespace, where)
     return _FieldCodec(
         name,
@@ -273,11 +396,26 @@ class EventColumns:
 
     event_type: str
     fields: tuple[_FieldCodec, ...]
+    feature_values: _FeatureValues | None = None  # feature updates: their values as typed columns
+    values_at: int = 0  # where the values field is among the schema's fields
 
     @property
     def columns(self) -> tuple[Column, ...]:
-        """Event columns then lake metadata columns, in file order."""
-        return tuple(c for f in self.fields for c in f.columns) + META_COLUMNS
+        """The columns every file has: event columns then lake metadata columns, in file order.
+
+        A feature update file also has its typed ``<feature_set>:<feature>`` columns, after these.
+        """
+        own = [c for f in self.fields for c in f.columns]
+        if self.feature_values is not None:
+            at = sum(len(f.columns) for f in self.fields[: self.values_at])
+            own[at:at] = self.feature_values.columns
+        return (*own, *META_COLUMNS)
+
+    @property
+    def id_field(self) -> str | None:
+        """The field that identifies an event: copies of one event (a retry, a replay) share it."""
+        names = {f.name for f in self.fields}
+        return next((n for n in ("event_id", "prediction_id") if n in names), None)
 
     def arrow_schema(self) -> pa.Schema:
         return pa.schema([c.field() for c in self.columns])
@@ -286,19 +424,52 @@ class EventColumns:
         """The ``name Type, ...`` structure a ClickHouse ``file()`` view declares."""
         return ", ".join(f"`{c.name}` {c.clickhouse}" for c in self.columns)
 
-    def to_columns(self, records: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
-        """Event columns (not metadata) for ``records``, column-wise, ready for ``pa.array``."""
-        out: dict[str, list[Any]] = {c.name: [] for f in self.fields for c in f.columns}
+    def to_table(self, records: Sequence[Mapping[str, Any]], meta: Mapping[str, list[Any]]) -> pa.Table:
+        """The lake table of ``records`` with the metadata columns ``meta`` (name -> values)."""
+        data: dict[str, list[Any]] = {c.name: [] for f in self.fields for c in f.columns}
         for f in self.fields:
-            lists = [out[c.name] for c in f.columns]
+            lists = [data[c.name] for c in f.columns]
             for record in records:
                 for values, value in zip(lists, f.encode(record.get(f.name)), strict=True):
                     values.append(value)
-        return out
+        typed: dict[str, pa.Array] = {}
+        if self.feature_values is not None:
+            static, typed = self.feature_values.encode(records)
+            data.update(static)
+        table = pa.Table.from_pydict({**data, **meta}, schema=self.arrow_schema())
+        for name, array in typed.items():
+            # REQUIRED when the batch has no null: cheaper to read (readers declare Nullable).
+            table = table.append_column(pa.field(name, array.type, nullable=array.null_count > 0), array)
+        return table
 
     def from_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        """The Avro-shaped record of one lake row (as given by ``Table.to_pylist()``)."""
-        return {f.name: f.decode(row) for f in self.fields}
+        """The Avro-shaped record of one lake row (a dict of one file's columns, with its types)."""
+        pairs = [(f.name, f.decode(row)) for f in self.fields]
+        if self.feature_values is not None:
+            pairs.insert(self.values_at, (FEATURE_VALUES[1], self.feature_values.decode(row)))
+        return dict(pairs)
+
+    def records(self, table: pa.Table) -> list[dict[str, Any]]:
+        """The Avro-shaped records of a table read from one lake file, in its row order.
+
+        Exact: each value comes back as the Avro branch it was written as. Only a row's own
+        feature set's columns are converted to Python (a lake holds every set's columns).
+        """
+        if self.feature_values is None or table.num_rows == 0:
+            return [self.from_row(row) for row in table.to_pylist()]
+        fixed = [c.name for c in self.columns if c.name in table.column_names]
+        if _LEGACY_JSON in table.column_names:
+            fixed.append(_LEGACY_JSON)
+        sets = table.column(FEATURE_SET_FIELD)
+        out: list[dict[str, Any]] = [{} for _ in range(table.num_rows)]
+        for fs in pc.unique(sets).to_pylist():
+            at = pc.indices_nonzero(pc.equal(sets, fs))
+            prefix = feature_column(fs, "")
+            wanted = fixed + [n for n in table.column_names if n.startswith(prefix)]
+            rows = table.select(wanted).take(at).to_pylist()
+            for i, row in zip(at.to_pylist(), rows, strict=True):
+                out[i] = self.from_row(row)
+        return out
 
 
 def event_columns(event_type: str, schema: Mapping[str, Any]) -> EventColumns:
@@ -307,39 +478,20 @@ def event_columns(event_type: str, schema: Mapping[str, Any]) -> EventColumns:
         raise ConfigError(f"{event_type}: an event schema must be an Avro record")
     names = _Names()
     ns = names.register(dict(schema), schema.get("namespace"))
-    fields = tuple(_field_codec(f, names, ns, f"{event_type}.{f['name']}") for f in schema["fields"])
-    taken = {c.name for f in fields for c in f.columns}
-    clash = taken & {c.name for c in META_COLUMNS}
-    if clash or len(taken) != sum(len(f.columns) for f in fields):
-        raise ConfigError(f"{event_type}: field names clash with lake columns: {sorted(clash) or 'json'}")
-    return EventColumns(event_type, fields)
-
-
-def feature_value_columns(records: Iterable[Mapping[str, Any]]) -> dict[str, pa.Array]:
-    """One typed column per ``<feature_set>:<feature>`` in a batch of feature updates.
-
-    Numbers and booleans become Float64 (so a column has one type in every file, whatever
-    branch of the union a writer picked); strings stay strings. A feature with both numbers
-    and strings in one batch is written as strings. Rows of other feature sets hold NULL.
-    """
-    rows = list(records)
-    cols: dict[str, list[Any]] = {}
-    for i, record in enumerate(rows):
-        fs = record["feature_set"]
-        for feature, value in (record.get("values") or {}).items():
-            values = cols.get(f"{fs}:{feature}")
-            if values is None:
-                values = cols[f"{fs}:{feature}"] = [None] * len(rows)
-            values[i] = value
-    out: dict[str, pa.Array] = {}
-    for name in sorted(cols):
-        values = cols[name]
-        if all(v is None for v in values):
-            # No value says the type: a typed guess (Float64) would clash with the String a
-            # later file infers. Left out, union schema inference reads it as NULL here.
-            continue
-        if any(isinstance(v, str) for v in values):
-            out[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
-        else:
-            out[name] = pa.array([_numeric(v) for v in values], pa.float64())
-    return out
+    typed = event_type == FEATURE_VALUES[0]
+    field_names = [f["name"] for f in schema["fields"]]
+    fields = tuple(
+        _field_codec(f, names, ns, f"{event_type}.{f['name']}")
+        for f in schema["fields"]
+        if not (typed and f["name"] == FEATURE_VALUES[1])
+    )
+    cols = (
+        EventColumns(event_type, fields, _FeatureValues(), field_names.index(FEATURE_VALUES[1]))
+        if typed
+        else EventColumns(event_type, fields)
+    )
+    taken = [c.name for c in cols.columns]
+    if len(set(taken)) != len(taken):
+        clash = sorted({n for n in taken if taken.count(n) > 1})
+        raise ConfigError(f"{event_type}: field names clash with lake columns: {clash}")
+    return cols

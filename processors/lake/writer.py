@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from headwater.errors import HeadwaterError
 from headwater.files import atomic_write
 from headwater.settings import Settings
-from processors.lake.columns import EventColumns, event_columns, feature_value_columns
+from processors.lake.columns import EventColumns, event_columns
 from processors.lake.layout import DATE_PREFIX, FileName, FilePlan, LakeRow, plan_files, superseded
 from processors.lake.manifest import record_added, remove_lake_file
 from streams.catalog import SchemaCatalog
@@ -264,22 +264,16 @@ class LakeWriter:
         return written
 
     def _table(self, spec: TopicSpec, plan: FilePlan, now: int) -> pa.Table:
-        cols = self.columns(spec.logical)
-        records = [r.record for r in plan.rows]
-        data: dict[str, Any] = cols.to_columns(records)
-        n = len(records)
-        data["_topic"] = [spec.logical] * n
-        data["_partition"] = [plan.file.partition] * n
-        data["_offset"] = [r.offset for r in plan.rows]
-        data["_key"] = [r.key for r in plan.rows]
-        data["_event_type"] = [spec.event_type] * n
-        data["_ingest_time"] = [now] * n
-        table = pa.Table.from_pydict(data, schema=cols.arrow_schema())
-        if spec.event_type == "feature_update":
-            for name, array in feature_value_columns(records).items():
-                # REQUIRED when the batch has no null: cheaper to read (views declare Nullable).
-                table = table.append_column(pa.field(name, array.type, nullable=array.null_count > 0), array)
-        return table
+        n = len(plan.rows)
+        meta: dict[str, list[Any]] = {
+            "_topic": [spec.logical] * n,
+            "_partition": [plan.file.partition] * n,
+            "_offset": [r.offset for r in plan.rows],
+            "_key": [r.key for r in plan.rows],
+            "_event_type": [spec.event_type] * n,
+            "_ingest_time": [now] * n,
+        }
+        return self.columns(spec.logical).to_table([r.record for r in plan.rows], meta)
 
     def _table_without_bad_rows(
         self, spec: TopicSpec, plan: FilePlan, now: int, bad_row: Callable[[LakeRow, Exception], None]
@@ -369,10 +363,17 @@ class LakeWriter:
 def write_parquet(directory: Path, name: FileName, table: pa.Table) -> Path:
     """Write a lake file durably: temporary name, fsync, rename into place, fsync the folder; then
     record it in the topic's manifest (:mod:`processors.lake.manifest`)."""
-    # Dictionaries help strings and map keys; for floats they only slow reading down.
-    dictionary = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
+    # Dictionaries help strings, counts and map keys; floats are written plain and uncompressed:
+    # a double's bits do not repeat, so a dictionary only slows reading down and snappy only
+    # copies them (a quarter of the CPU of reading a training set's values). Binary blobs (a
+    # dead letter's bytes, partial aggregates) are unique too: no dictionary, but compressed.
+    floats = {f.name for f in table.schema if pa.types.is_floating(f.type)}
+    blobs = {f.name for f in table.schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)}
+    dictionary = [n for n in table.column_names if n not in floats and n not in blobs]
+    compression = {n: "none" if n in floats else "snappy" for n in table.column_names}
     path = atomic_write(
-        directory / name.name, lambda fh: pq.write_table(table, fh, use_dictionary=dictionary)
+        directory / name.name,
+        lambda fh: pq.write_table(table, fh, use_dictionary=dictionary, compression=compression),
     )
     record_added(path, table.num_rows)
     return path

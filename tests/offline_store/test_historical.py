@@ -25,7 +25,8 @@ def _labels(*rows: tuple[str, int]) -> pd.DataFrame:
 
 
 def _values(df: pd.DataFrame, column: str) -> list[Any]:
-    return [None if (isinstance(v, float) and math.isnan(v)) else v for v in df[column]]
+    """The column's values with every kind of missing (NaN of a double, NA of a nullable type) as None."""
+    return [None if v is pd.NA or (isinstance(v, float) and math.isnan(v)) else v for v in df[column]]
 
 
 def test_late_value_counts_only_once_written(store: OfflineStore, writer: LakeWriter) -> None:
@@ -175,3 +176,74 @@ def test_feature_added_later_is_null_before_not_zero(store: OfflineStore, writer
     got = get_historical_features(store, _labels(("a", T0 + 5), ("a", T0 + 20)), ["u:x", "u:y"])
     assert _values(got, "u:x") == [1.0, 2.0]
     assert _values(got, "u:y") == [None, 5.0]
+
+
+def test_values_keep_their_types(store: OfflineStore, writer: LakeWriter) -> None:
+    big = 2**62 + 1  # not a double: only an integer column returns it exactly
+    _write(
+        writer,
+        [
+            feature_update("u", "a", T0, T0, {"n": 3, "x": 1.5, "ok": True, "s": "gold"}),
+            feature_update("u", "b", T0, T0, {"n": big, "x": 2.0, "ok": False, "s": ""}),
+        ],
+    )
+    labels = _labels(("a", T0), ("b", T0), ("nobody", T0), ("a", T0 - 1))
+    refs = ["u:n", "u:x", "u:ok", "u:s"]
+    got = get_historical_features(store, labels, refs)
+    assert {ref: str(got[ref].dtype) for ref in refs} == {
+        "u:n": "Int64",
+        "u:x": "float64",
+        "u:ok": "boolean",
+        "u:s": str(pd.Series(["a"]).dtype),  # pandas' own string type
+    }
+    assert _values(got, "u:n") == [3, big, None, None]
+    assert _values(got, "u:ok") == [True, False, None, None]
+    assert _values(got, "u:s") == ["gold", "", None, None]
+    assert _values(got, "u:x") == [1.5, 2.0, None, None]
+    arrow = get_historical_features(store, pa.Table.from_pandas(labels, preserve_index=False), refs)
+    assert [arrow.schema.field(ref).type for ref in refs] == [
+        pa.int64(),
+        pa.float64(),
+        pa.bool_(),
+        pa.string(),
+    ]
+    assert arrow.column("u:n").to_pylist() == [3, big, None, None]
+
+
+def test_a_feature_typed_differently_in_two_files_comes_back_in_the_wider_type(
+    store: OfflineStore, writer: LakeWriter
+) -> None:
+    writer.write("feature-updates", [(0, 0, feature_update("u", "a", T0, T0, {"n": 3}))])  # an Int64 file
+    writer.write("feature-updates", [(0, 1, feature_update("u", "b", T0, T0, {"n": 2.5}))])  # a Float64 one
+    got = get_historical_features(store, _labels(("a", T0), ("b", T0)), ["u:n"])
+    assert (str(got["u:n"].dtype), _values(got, "u:n")) == ("float64", [3.0, 2.5])
+
+
+def test_labels_far_apart_in_time_are_matched_the_same(store: OfflineStore, writer: LakeWriter) -> None:
+    # Times 2^62 ms apart cannot be packed with the entity into one int64: ranks stand in for them.
+    far = 2**62
+    _write(
+        writer,
+        [feature_update("u", "a", -far, -far, {"x": 1}), feature_update("u", "a", far, far, {"x": 2})],
+    )
+    labels = _labels(("a", -far - 1), ("a", 0), ("a", far), ("b", far))
+    for bitemporal in (True, False):
+        got = get_historical_features(store, labels, ["u:x"], bitemporal=bitemporal)
+        assert _values(got, "u:x") == [None, 1, 2, None]
+
+
+def test_more_entities_than_one_radix_digit_holds(store: OfflineStore, writer: LakeWriter) -> None:
+    # Entities are sorted by their 16-bit digits: labels naming 70,000 of them take two passes.
+    rng = random.Random(3)
+    entities = [f"e{i}" for i in range(70_000)]
+    chosen = sorted(rng.sample(range(70_000), 150))
+    updates = [
+        feature_update("u", entities[i], T0 + t, T0 + t, {"x": i * 10 + t}, n=t)
+        for i in chosen
+        for t in (0, 5)
+    ]
+    _write(writer, updates)
+    labels = _labels(*[(e, T0 + 3) for e in entities])
+    got = _values(get_historical_features(store, labels, ["u:x"]), "u:x")
+    want = [i * 10 if i in set(chosen) else None for i in range(70_000)]
+    assert got == want

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -224,31 +225,48 @@ def test_every_record_round_trips_through_lake_columns(catalog: SchemaCatalog, e
     @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(strategy_for(schema), min_size=1, max_size=5))
     def check(records: list[dict[str, Any]]) -> None:
-        data = cols.to_columns(records)
-        fields = [f for f in cols.arrow_schema() if f.name in data]
-        table = pa.Table.from_pydict(data, schema=pa.schema(fields))
-        assert [cols.from_row(row) for row in table.to_pylist()] == records
+        n = len(records)
+        meta = {"_topic": ["t"] * n, "_partition": [0] * n, "_offset": list(range(n)), "_key": [None] * n,
+                "_event_type": [event_type] * n, "_ingest_time": [0] * n}  # fmt: skip
+        table = cols.to_table(records, meta)
+        # Through a Parquet file, as the lake writes and reads it: every value in its Avro type.
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        assert cols.records(pq.read_table(pa.BufferReader(sink.getvalue()))) == records
 
     check()
 
 
 def test_feature_values_become_typed_columns_named_like_refs(
-    writer: LakeWriter, lake_settings: Settings
+    writer: LakeWriter, lake_settings: Settings, catalog: SchemaCatalog
 ) -> None:
-    writer.write(
-        "feature-updates",
-        [
-            (0, 0, feature_update("u", "a", T0, T0, {"n": 3, "ok": True, "name": "x", "none": None})),
-            (0, 1, feature_update("i", "b", T0, T0, {"n": 1.5})),
-        ],
-    )
+    updates = [
+        feature_update("u", "a", T0, T0, {"n": 3, "ok": True, "name": "x", "none": None}),
+        feature_update("i", "b", T0, T0, {"n": 1.5}),
+        feature_update("u", "c", T0, T0, {"n": 2.5, "ok": 7, "name": 4}),  # other types than row 0's
+        feature_update("u", "d", T0, T0, {"name": "y"}),
+    ]
+    writer.write("feature-updates", [(0, i, u) for i, u in enumerate(updates)])
     (path,) = (lake_settings.lake_dir / "feature-updates").rglob("*.parquet")
     table = pq.read_table(path)
-    assert table.column("u:n").to_pylist() == [3.0, None]
-    assert table.column("u:ok").to_pylist() == [1.0, None]
-    assert table.column("u:name").to_pylist() == ["x", None]
-    assert table.column("i:n").to_pylist() == [None, 1.5]
-    assert table.column("values").to_pylist()[0] == [("n", 3.0), ("name", None), ("none", None), ("ok", 1.0)]
+    assert {n: table.schema.field(n).type for n in table.column_names if ":" in n} == {
+        "i:n": pa.float64(),
+        "u:n": pa.float64(),  # a double in the batch: the column holds doubles, the 3 is listed
+        "u:name": pa.string(),  # more strings than numbers: the 4 is "4" there, and listed
+        "u:ok": pa.int64(),  # an int in the batch: True is 1 there, and listed
+    }
+    assert table.column("u:n").to_pylist() == [3.0, None, 2.5, None]
+    assert table.column("u:ok").to_pylist() == [1, None, 7, None]
+    assert table.column("u:name").to_pylist() == ["x", None, "4", "y"]
+    exceptions = [[("n", "3"), ("ok", "true")], [], [("name", "4")], []]
+    assert table.column("value_exceptions").to_pylist() == exceptions
+    keys = ['["n","ok","name","none"]', '["n"]', '["n","ok","name"]', '["name"]']
+    assert table.column("value_keys").to_pylist() == keys
+    assert not any(name in table.column_names for name in ("values", "values_json", "u:none"))
+    # Read back exactly: each value in the Avro type it was written as.
+    records = [r.record for r in LakeReader(lake_settings, catalog).iter_records("feature-updates")]
+    assert records == updates
+    assert [type(v) for v in records[0]["values"].values()] == [int, bool, str, type(None)]
 
 
 def test_lake_rows_accept_named_tuples_and_explicit_keys(writer: LakeWriter, lake_settings: Settings) -> None:
@@ -297,3 +315,39 @@ def test_a_feature_null_in_one_file_and_string_in_another_is_queryable(tmp_path:
             f"SELECT `user_activity:last_item` AS v FROM {relation} ORDER BY event_time"
         ).to_pylist()
     assert rows == [{"v": None}, {"v": "14"}]
+
+
+def test_files_of_the_earlier_format_still_read_exactly(
+    writer: LakeWriter, lake_settings: Settings, catalog: SchemaCatalog
+) -> None:
+    """A lake written before the typed columns were the only copy: values as a map of doubles,
+    as JSON, and as Float64/String columns. Restores, views and training sets still read it."""
+    old = feature_update("u", "a", T0, T0, {"n": 3, "s": "x", "none": None})
+    table = pa.table(
+        {
+            **{k: [old[k]] for k in ("event_id", "feature_set", "entity_key", "event_time", "write_time")},
+            "feature_set_version": pa.array([1], pa.int32()),
+            "values": pa.array([[("n", 3.0), ("none", None), ("s", None)]], pa.map_(pa.string(), pa.float64())),  # noqa: E501
+            "values_json": ['{"n":3,"none":null,"s":"x"}'],
+            "source": ["STREAM"],
+            "_topic": ["feature-updates"], "_partition": pa.array([0], pa.int32()), "_offset": [0],
+            "_key": ["u|a"], "_event_type": ["feature_update"], "_ingest_time": [T0],
+            "u:n": [3.0], "u:s": ["x"],
+        }
+    )  # fmt: skip
+    folder = lake_settings.lake_dir / "feature-updates" / "date=2023-11-14"
+    folder.mkdir(parents=True)
+    pq.write_table(table, folder / "feature-updates+0+0-0.parquet")
+    new = feature_update("u", "a", T0 + 1, T0 + 1, {"n": 4, "s": "y", "none": None})
+    writer.write("feature-updates", [(0, 1, new)])
+
+    records = [r.record for r in LakeReader(lake_settings, catalog).iter_records("feature-updates")]
+    assert records == [old, new] and type(records[0]["values"]["n"]) is int
+    from batch.offline_store import get_historical_features, open_offline_store
+
+    with open_offline_store(lake_settings, catalog) as store:
+        rows = store.query("SELECT `u:n` AS n, `u:s` AS s FROM feature_updates ORDER BY event_time")
+        assert rows.to_pylist() == [{"n": 3.0, "s": "x"}, {"n": 4.0, "s": "y"}]
+        labels = pd.DataFrame({"entity_key": ["a", "a"], "label_time": [T0, T0 + 1]})
+        got = get_historical_features(store, labels, ["u:n", "u:s"])
+    assert list(got["u:n"]) == [3.0, 4.0] and list(got["u:s"]) == ["x", "y"]

@@ -12,7 +12,9 @@ from headwater.settings import Settings
 from processors.lake import LakeWriter
 from tests.offline_store.conftest import T0, feature_update
 
-QUERY = "SELECT entity_key, values, event_time FROM feature_updates ORDER BY event_time"
+QUERY = (
+    "SELECT entity_key, `u:x` AS x, map('s', `u:s`) AS m, event_time FROM feature_updates ORDER BY event_time"
+)
 
 
 def _app() -> typer.Typer:
@@ -37,18 +39,14 @@ def test_sql_prints_a_table_csv_and_json_lines(lake_settings: Settings, writer: 
     assert "entity_key" in table.output and "3 rows" in table.output
     csv_out = runner.invoke(_app(), ["sql", QUERY, "--format", "csv"], obj=lake_settings)
     assert csv_out.output.splitlines() == [
-        "entity_key,values,event_time",
-        f'e0,"{{""s"": null, ""x"": 0.0}}",{T0}',
-        f'e1,"{{""s"": null, ""x"": 1.0}}",{T0 + 1}',
-        f'e2,"{{""s"": null, ""x"": 2.0}}",{T0 + 2}',
+        "entity_key,x,m,event_time",
+        f'e0,0,"{{""s"": ""t""}}",{T0}',
+        f'e1,1,"{{""s"": ""t""}}",{T0 + 1}',
+        f'e2,2,"{{""s"": ""t""}}",{T0 + 2}',
     ]
     lines = runner.invoke(_app(), ["sql", QUERY, "-f", "json"], obj=lake_settings).output.splitlines()
     assert len(lines) == 3
-    assert json.loads(lines[0]) == {
-        "entity_key": "e0",
-        "values": {"s": None, "x": 0.0},
-        "event_time": T0,
-    }
+    assert json.loads(lines[0]) == {"entity_key": "e0", "x": 0, "m": {"s": "t"}, "event_time": T0}
 
 
 def test_sql_error_is_a_headwater_error(lake_settings: Settings) -> None:

@@ -48,7 +48,7 @@ def test_views_see_files_written_after_they_were_created(store: OfflineStore, wr
     assert _count(store, "clicks") == 0
     writer.write("clicks", [(0, o, click(o)) for o in range(25)])
     assert _count(store, "clicks") == 25
-    writer.write("clicks", [(1, o, click(o, user="u2")) for o in range(5)])
+    writer.write("clicks", [(1, o, {**click(o, user="u2"), "event_id": f"u2-{o}"}) for o in range(5)])
     result = store.query(
         "SELECT user_id, count() AS n, sum(position) AS p FROM clicks GROUP BY user_id ORDER BY user_id"
     )
@@ -59,18 +59,24 @@ def test_views_see_files_written_after_they_were_created(store: OfflineStore, wr
     assert store.query("SELECT uniqExact(_partition, _offset) AS n FROM clicks").column("n")[0].as_py() == 30
 
 
-def test_sql_reads_maps_and_feature_values(store: OfflineStore, writer: LakeWriter) -> None:
-    writer.write(
-        "feature-updates", [(0, 0, feature_update("u", "a", T0, T0 + 5, {"clicks": 3, "last": "item9"}))]
-    )
+def test_sql_reads_feature_values_as_typed_columns_and_maps(store: OfflineStore, writer: LakeWriter) -> None:
+    values = {"clicks": 3, "ok": True, "last": "item9", "none": None}
+    writer.write("feature-updates", [(0, 0, feature_update("u", "a", T0, T0 + 5, values))])
     row = store.query(
-        "SELECT values['clicks'] AS c, JSONExtractString(values_json, 'last') AS last FROM feature_updates"
+        "SELECT `u:clicks` AS c, `u:ok` AS ok, `u:last` AS last, value_keys FROM feature_updates"
     ).to_pylist()[0]
-    assert (row["c"], row["last"]) == (3.0, "item9")
+    assert row == {"c": 3, "ok": True, "last": "item9", "value_keys": '["clicks","ok","last","none"]'}
     assert store.extra_columns("feature_updates") == {
-        "u:clicks": "Nullable(Float64)",
+        "u:clicks": "Nullable(Int64)",
         "u:last": "Nullable(String)",
+        "u:ok": "Nullable(Bool)",
     }
+    # A later file types the feature double and adds one: the same store's view reads both files.
+    writer.write(
+        "feature-updates", [(0, 1, feature_update("u", "a", T0 + 1, T0 + 6, {"clicks": 2.5, "new": 1}))]
+    )
+    rows = store.query("SELECT `u:clicks` AS c, `u:new` AS n FROM feature_updates ORDER BY event_time")
+    assert rows.to_pylist() == [{"c": 3.0, "n": None}, {"c": 2.5, "n": 1}]
     writer.write("clicks", [(0, 0, click(0))])
     got = store.query(
         "SELECT user_features['age'] AS age FROM clicks WHERE user_id = {u:String}", {"u": "u1"}
