@@ -65,6 +65,7 @@ from headwater.errors import HeadwaterError
 __all__ = [
     "Aggregator",
     "EntityState",
+    "Evaluations",
     "EventRejected",
     "TileCache",
     "evaluate_tiles",
@@ -905,3 +906,27 @@ def evaluate_tiles(tiles: bytes, at: int) -> tuple[dict[str, Any], int | None]:
     they carry; NotFoundError if this process has not loaded it)."""
     unpacker = _unpacker(tiles)
     return _aggregator(unpacker.unpack())._evaluate(unpacker, at)
+
+
+class Evaluations:
+    """Tiles evaluated at read times, each remembered until its values can next change: an entity
+    read again before then (an inactive user on every request, the labels of one update) is not
+    evaluated again. Bounded: past ``limit`` the oldest goes. Safe to share between threads (a
+    lost race evaluates twice)."""
+
+    def __init__(self, limit: int = 16_384) -> None:
+        self.limit = limit
+        # tiles -> (evaluated at, next change or None, values)
+        self._known: dict[bytes, tuple[int, int | None, dict[str, Any]]] = {}
+
+    def at(self, tiles: bytes, at: int) -> dict[str, Any]:
+        """Every feature's value at ``at`` from an update's tiles (see :func:`evaluate_tiles`)."""
+        hit = self._known.get(tiles)
+        if hit is not None and hit[0] <= at and (hit[1] is None or at < hit[1]):
+            return hit[2]
+        values, until = evaluate_tiles(tiles, at)
+        known = self._known
+        if len(known) >= self.limit:  # the oldest goes (dicts keep insertion order)
+            known.pop(next(iter(known)), None)
+        known[tiles] = (at, until, values)
+        return values

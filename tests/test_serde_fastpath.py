@@ -54,6 +54,8 @@ def canon(value: Any) -> Any:
         return ("dict", [(k, canon(v)) for k, v in value.items()])
     if isinstance(value, list):
         return ("list", [canon(v) for v in value])
+    if isinstance(value, tuple):  # a decoded union branch: (name, value)
+        return ("tuple", [canon(v) for v in value])
     return (type(value).__name__, value)
 
 

@@ -57,6 +57,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batch.offline_store.base import OfflineStore
+from features.engine import Evaluations
 from headwater.errors import ConfigError, NotFoundError
 from processors.lake.columns import feature_column
 from processors.lake.layout import FileName
@@ -381,6 +382,39 @@ def _to_ms(column: pa.ChunkedArray) -> pa.ChunkedArray:
     raise ConfigError(f"label times must be epoch milliseconds or timestamps, not {column.type}")
 
 
+def _at_label_times(
+    lake: _Lake,
+    fs: str,
+    features: list[str],
+    match: tuple[np.ndarray, _Updates],
+    *,
+    times: np.ndarray,
+    values: dict[str, pa.ChunkedArray],
+) -> None:
+    """Windows read at each label's time: where a label comes at or after its matched update's
+    ``valid_until`` (a tile has left a window since), the update's tiles evaluated at the label
+    time replace its stored values in ``values`` (in place), as an online read then would.
+    Updates without tiles (before read-time windows, or not windowed) keep their values."""
+    extra = {"valid_until": pa.int64(), "tiles": pa.binary()}
+    got = _values(lake, extra, {fs: list(extra)}, {fs: match}, len(times))
+    until = got["valid_until"]
+    if until.null_count == len(until):
+        return
+    due = pc.fill_null(pc.greater_equal(pa.array(times), until), False).to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(due)
+    if not len(rows):
+        return
+    evaluations = Evaluations(limit=len(rows))
+    blobs = got["tiles"].take(pa.array(rows)).to_pylist()
+    read = [evaluations.at(blob, int(t)) for blob, t in zip(blobs, times[rows].tolist(), strict=True)]
+    mask = pa.array(due)
+    for f in features:
+        column = feature_column(fs, f)
+        current = values[column].combine_chunks()
+        replacements = pa.array([r.get(f) for r in read], current.type)
+        values[column] = pa.chunked_array([pc.replace_with_mask(current, mask, replacements)])
+
+
 def parse_refs(feature_refs: Sequence[str]) -> dict[str, list[str]]:
     """``["fs:a", "fs:b", "gs:c"]`` -> ``{"fs": ["a", "b"], "gs": ["c"]}``, in order, checked."""
     out: dict[str, list[str]] = {}
@@ -500,6 +534,8 @@ def get_historical_features(
                 columns[f"{fs}:{name}"] = pa.array(at, mask=found < 0)
     wanted = {fs: [feature_column(fs, f) for f in fl] for fs, fl in sets.items()}
     values = _values(lake, types, wanted, matches, table.num_rows)
+    for fs, fl in sets.items():
+        _at_label_times(lake, fs, fl, matches[fs], times=times, values=values)
     ordered: dict[str, pa.Array | pa.ChunkedArray] = {}
     for fs, refs in wanted.items():
         ordered.update((out_names[ref], values[ref]) for ref in refs)

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import msgpack
 import numpy as np
 
-from features.engine import evaluate_tiles
+from features.engine import Evaluations
 from headwater.errors import HeadwaterError
 from serving.online_store.base import (
     FeatureRow,
@@ -186,8 +186,7 @@ class RecordCodec:
         # Per requested feature list: its picker per schema id, and the values of a missing row.
         self._plans: dict[tuple[str, ...], tuple[dict[int, _Picker | None], tuple[None, ...]]] = {}
         self._rows: dict[tuple[str, ...], _DecodedRows] = {}
-        # Tiles -> (evaluated at, next change or None, values): see _evaluate.
-        self._evaluations: dict[bytes, tuple[int, int | None, dict[str, Value]]] = {}
+        self._evaluations = Evaluations(_EVALUATIONS)
 
     def encode(
         self, feature_set: str, rows: Iterable[Row], ttl_s: float | None, write_time_ms: int | None
@@ -376,23 +375,14 @@ class RecordCodec:
 
     def _evaluate(self, record: Buffer, end: int, now: int) -> dict[str, Value]:
         """The values of a record's tiles at ``now`` (remembered until they can next change)."""
-        tiles = bytes(record[end:])
-        hit = self._evaluations.get(tiles)
-        if hit is not None and hit[0] <= now and (hit[1] is None or now < hit[1]):
-            return hit[2]
         try:
-            values, until = evaluate_tiles(tiles, now)
+            return self._evaluations.at(bytes(record[end:]), now)
         except HeadwaterError as exc:
             raise OnlineStoreError(f"cannot evaluate a record's windows at read time: {exc}") from exc
         except Exception as exc:  # corrupt tiles raise msgpack's and Python's errors alike
             raise OnlineStoreError(
                 f"a record's window tiles are corrupt ({type(exc).__name__}: {exc}): rewrite the feature set"
             ) from exc
-        evaluations = self._evaluations
-        if len(evaluations) >= _EVALUATIONS:  # the oldest goes (dicts keep insertion order)
-            del evaluations[next(iter(evaluations))]
-        evaluations[tiles] = (now, until, values)
-        return values
 
     def _positions(
         self, schema_id: int, feats: tuple[str, ...], load_schema: SchemaLoader

@@ -64,6 +64,8 @@ def feature_update(
         "write_time": write_time,
         "values": values,
         "source": "STREAM",
+        "valid_until": None,  # no tiles: the values hold at any later time
+        "tiles": None,
     }
 
 

@@ -8,15 +8,18 @@ value at every update time must agree. The same run then checks historical retri
 from __future__ import annotations
 
 import math
+import random
 import threading
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from batch.offline_store import open_offline_store
+from features.engine import evaluate_tiles
 from features.examples.clickstream import item_ctr
-from features.sql import backfill_sql
+from features.sql import backfill_sql, values_at_sql
 from headwater.sample_data import merged_events
 from headwater.sdk import FeatureStore
 from headwater.settings import Settings
@@ -26,6 +29,8 @@ from streams.producer import EventProducer
 from streams.serde import Serde
 
 Key = tuple[str, str, int]  # feature set, entity, event time
+# Settings, the last update's values per key, the outcomes, and the last update's tiles per key.
+Streamed = tuple[Settings, dict[Key, dict[str, Any]], list[dict[str, Any]], dict[Key, bytes]]
 
 
 def same(a: Any, b: Any) -> bool:
@@ -53,22 +58,24 @@ def streamed(
     run_processors(settings, names, threading.Event(), until_caught_up=True)
     run_processors(settings, ["lake-sink"], threading.Event(), until_caught_up=True)
     values: dict[Key, dict[str, Any]] = {}
+    tiles: dict[Key, bytes] = {}
     with EventConsumer(settings, serde, ["feature-updates"]) as consumer:
         while True:
             batch = consumer.poll(5000, 0.2)
             for e in batch:  # log order per key: the last update at a time holds all its events
                 r = e.record
                 values[(r["feature_set"], r["entity_key"], r["event_time"])] = r["values"]
+                tiles[(r["feature_set"], r["entity_key"], r["event_time"])] = r["tiles"]
             if not batch and consumer.caught_up():
                 break
     outcomes = [r for t, r in events if t == "outcomes"]
-    return settings, values, outcomes
+    return settings, values, outcomes, tiles
 
 
 def test_stream_equals_backfill_at_every_update_time(
-    streamed: tuple[Settings, dict[Key, dict[str, Any]], list[dict[str, Any]]],
+    streamed: Streamed,
 ) -> None:
-    settings, stream, _ = streamed
+    settings, stream, _, _ = streamed
     repository = load_repository(settings)
     compared = 0
     with open_offline_store(settings) as store:
@@ -91,9 +98,9 @@ def test_stream_equals_backfill_at_every_update_time(
 
 
 def test_historical_features_are_point_in_time_and_bitemporal(
-    streamed: tuple[Settings, dict[Key, dict[str, Any]], list[dict[str, Any]]],
+    streamed: Streamed,
 ) -> None:
-    settings, stream, outcomes = streamed
+    settings, stream, outcomes, tiles = streamed
     labels = pd.DataFrame(
         {
             "user_id": [o["entity_key"] for o in outcomes],
@@ -109,8 +116,9 @@ def test_historical_features_are_point_in_time_and_bitemporal(
         bitemporal = features.get_historical_features(labels, refs)
 
     def expected(fs: str, entity: str, t: int, name: str) -> Any:
+        """What an online read at t returned: the latest update then, its windows evaluated at t."""
         times = [k[2] for k in stream if k[0] == fs and k[1] == entity and k[2] <= t]
-        return stream[(fs, entity, max(times))][name] if times else None
+        return evaluate_tiles(tiles[(fs, entity, max(times))], t)[0][name] if times else None
 
     frame = as_of_event_time.astype(object).where(as_of_event_time.notna(), None)  # NaN: missing
     for row in frame.to_dict("records"):
@@ -124,3 +132,51 @@ def test_historical_features_are_point_in_time_and_bitemporal(
     # The replay was written in 2026; in 2019 the platform had none of these values.
     assert bitemporal["user_activity:clicks_7d"].isna().all()
     assert list(bitemporal.columns) == [*labels.columns, *refs]
+
+
+def test_online_reads_the_backfill_and_training_sets_agree_at_random_times(streamed: Streamed) -> None:
+    """At random times between events and long after them: what an online read at that time
+    returned (the stream's latest update then, evaluated from its tiles), ClickHouse's
+    evaluation over the archived raw clicks, and a point-in-time training set with those label
+    times hold the same values, for every feature of both feature sets."""
+    settings, stream, _, tiles = streamed
+    repository = load_repository(settings)
+    rng = random.Random(29)
+    with open_offline_store(settings) as store, FeatureStore(settings) as features:
+        for fs in repository.feature_sets:
+            mine = sorted(k for k in stream if k[0] == fs.name)
+            times: dict[str, list[int]] = {}
+            for _, entity, t in mine:
+                times.setdefault(entity, []).append(t)
+            points = []
+            for entity in rng.sample(sorted(times), 40):
+                for _ in range(5):
+                    first, last = times[entity][0], times[entity][-1]
+                    points.append((entity, rng.randint(first, last + fs.max_window_ms + 3_600_000)))
+            online = {}
+            for entity, t in points:
+                latest = max(x for x in times[entity] if x <= t) if times[entity][0] <= t else None
+                online[(entity, t)] = (
+                    evaluate_tiles(tiles[(fs.name, entity, latest)], t)[0] if latest is not None else None
+                )
+            staged = pa.table({"entity_key": [e for e, _ in points], "at": [t for _, t in points]})
+            name = f"_points_{fs.name}"
+            relation = store.stage(staged, name)
+            try:
+                sql = {
+                    (r["entity_key"], r["at"]): r
+                    for r in store.query(values_at_sql(fs, "clicks", relation)).to_pylist()
+                }
+            finally:
+                store.unstage(name)
+            labels = pd.DataFrame({fs.entity: [e for e, _ in points], "label_time": [t for _, t in points]})
+            refs = [f"{fs.name}:{f}" for f in fs.feature_names]
+            training = features.get_historical_features(labels, refs, bitemporal=False)
+            training = training.astype(object).where(training.notna(), None)
+            for row in training.to_dict("records"):
+                key = (row[fs.entity], row["label_time"])
+                for f in fs.feature_names:
+                    want = online[key][f] if online[key] is not None else None
+                    assert same(row[f"{fs.name}:{f}"], want), (fs.name, key, f, "training", want)
+                    if online[key] is not None:
+                        assert same(sql[key][f], want), (fs.name, key, f, "ClickHouse", want)
