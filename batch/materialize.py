@@ -5,7 +5,8 @@ feature set (its current definition version) with an event time in ``[start, end
 latest per entity (greatest event time, then write time, then lake position) is written to
 the online store with the feature set's TTL, newer-wins, so values the stream wrote later are
 kept. Use it to fill a new online store (another region, a Redis that lost its data) from
-the history; :func:`batch.backfill.backfill` computes values from raw events instead.
+the history; :func:`batch.backfill.backfill` computes values from raw events instead. Each
+update's tiles go with its values, so reads evaluate its windows at their own time.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from features.repository import FeatureRepository
 from headwater.errors import NotFoundError
 from headwater.settings import Settings
 from serving.online_store import open_online_store
+from serving.online_store.columnar import TILES, VALID_UNTIL
 
 __all__ = ["MaterializeResult", "materialize"]
 
@@ -64,8 +66,9 @@ def _latest_sql(source: str, refs: list[str]) -> str:
         f"+ bitShiftLeft(toUInt256({unsigned('write_time')}), 64) + {rid}"
     )
     columns = ", ".join(f"`{ref}` AS `{ref.split(':', 1)[1]}`" for ref in refs)
+    tiles = f"valid_until AS {VALID_UNTIL}, tiles AS {TILES}"  # windows read at the read's time
     return (
-        f"SELECT entity_key, event_time, {columns} FROM {source} WHERE {rid} IN ("
+        f"SELECT entity_key, event_time, {columns}, {tiles} FROM {source} WHERE {rid} IN ("
         f"SELECT argMax({rid}, {rank}) FROM {source} WHERE feature_set = {{fs:String}} "
         "AND feature_set_version = {version:Int32} "
         "AND event_time >= {start:Int64} AND event_time < {end:Int64} GROUP BY entity_key)"
@@ -126,6 +129,9 @@ def materialize(
             "fs": fs.name, "version": fs.version, "start": start_ms, "end": end_ms,
         })  # fmt: skip
         latest = _as_declared(fs, latest)
+        if latest.num_rows:  # ClickHouse hands a String: the tiles are bytes
+            at = latest.schema.get_field_index(TILES)
+            latest = latest.set_column(at, TILES, pc.cast(latest.column(at), pa.binary()))
     result.read_s = time.perf_counter() - t
     result.entities = latest.num_rows
     if latest.num_rows:
