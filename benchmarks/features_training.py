@@ -15,6 +15,15 @@ rest is built column-wise with the same schema (checked), because writing 10M ro
 record would take minutes, and retrieval does not care how a file was written. Files are cut
 like a sink flushing every ``--batch-rows`` offsets, one per date folder.
 
+Window evaluation at label time is included: the feature set is windowed (ten numeric
+aggregations over 5m, 1h, 6h, 24h and 7d: 50 features) and every row carries the tiles and
+``valid_until`` the streaming engine computed for it, from the rows taken as click events in
+event-time order. A label at or after its matched row's ``valid_until`` reads the windows
+evaluated at the label time from those tiles (as an online read then would); the others read
+the row's values, which stay random numbers, as in Feast. So Headwater's values equal Feast's
+exactly for the labels not evaluated, and are checked for the evaluated ones against the
+tiles' own evaluation. ``--no-tiles`` leaves the tiles out (the rows then hold forever).
+
 Feast runs in its own virtualenv (``benchmarks/feast_env.sh``) as a subprocess that prints
 JSON; both sides are timed around ``get_historical_features`` to a DataFrame, labels given as
 a DataFrame. Headwater's default is bitemporal; Feast's semantics (event time only, ties by
@@ -24,6 +33,7 @@ created time) are Headwater's ``bitemporal=False``, whose values are compared wi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -45,6 +55,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from batch.offline_store import get_historical_features, open_offline_store  # noqa: E402
+from features.definitions import ApproxDistinct, Count, FeatureSet, Max, Mean, Min, Ratio, Sum  # noqa: E402
+from features.engine import Aggregator, evaluate_tiles  # noqa: E402
+from features.predicates import Eq  # noqa: E402
 from headwater.settings import Settings, load_settings  # noqa: E402
 from processors.lake import LakeWriter  # noqa: E402
 from processors.lake.layout import date_of  # noqa: E402
@@ -54,6 +67,28 @@ T0 = 1_700_000_000_000
 SPAN_MS = 30 * 86_400_000
 FEATURE_SET = "bench"
 FIRST_BATCH = 10_000  # rows written through LakeWriter itself
+WINDOWS = ["5m", "1h", "6h", "24h", "7d"]
+CLICK = Eq("action", "CLICK")
+BENCH = FeatureSet(
+    FEATURE_SET,
+    entity="user_id",
+    source="clicks",
+    owner="bench",
+    description="Ten numeric aggregations over five windows: 50 features.",
+    features=[
+        Count(windows=WINDOWS, name="events"),
+        Count(windows=WINDOWS, where=CLICK, name="clicks"),
+        Sum("position", windows=WINDOWS, name="position_sum"),
+        Mean("propensity", windows=WINDOWS, name="mean_propensity"),
+        Min("position", windows=WINDOWS, name="min_position"),
+        Max("position", windows=WINDOWS, name="max_position"),
+        Ratio(Count(where=CLICK), Count(), windows=WINDOWS, name="ctr"),
+        ApproxDistinct("item_id", windows=WINDOWS, name="items"),
+        Mean("position", windows=WINDOWS, name="mean_position"),
+        Sum("propensity", windows=WINDOWS, name="propensity_sum"),
+    ],
+)
+NAMES = BENCH.feature_names  # the lake's features; Feast's columns f00..f49 are these, in order
 
 
 def feature_rows(
@@ -76,7 +111,7 @@ def feature_rows(
         "write_time": event + rng.integers(0, 60_000, base),
     }
     values = rng.random((base, n_features))
-    data.update({f"f{i:02d}": values[:, i] for i in range(n_features)})
+    data.update({NAMES[i]: values[:, i] for i in range(n_features)})
     frame = pd.DataFrame(data)
     if copies:
         again = frame.iloc[rng.integers(0, base, copies)].copy()
@@ -96,8 +131,35 @@ def labels_frame(n: int, entities: int, seed: int) -> pd.DataFrame:
     )
 
 
+def with_tiles(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows with the tiles and valid_until the streaming engine computes for them, the rows
+    taken as click events in event-time order (a copy of a row gets its original's)."""
+    rng = np.random.default_rng(7)
+    n = len(frame)
+    items, positions = rng.integers(0, 500, n), rng.integers(1, 4, n)
+    clicks, propensities = rng.random(n) < 0.05, rng.choice([0.0125, 0.025], n)
+    aggregator = Aggregator(BENCH)
+    tiles: dict[str, tuple[int, bytes]] = {}
+    ids, keys, times = frame["event_id"].tolist(), frame["entity_key"].tolist(), frame["event_time"].tolist()
+    for i in np.argsort(frame["event_time"].to_numpy(), kind="stable").tolist():
+        if ids[i] in tiles:
+            continue  # a copy of an update: the same one
+        event = {
+            "event_id": ids[i], "event_time": int(times[i]), "user_id": keys[i], "item_id": str(items[i]),
+            "action": "CLICK" if clicks[i] else "IMPRESSION", "position": int(positions[i]),
+            "propensity": float(propensities[i]),
+        }  # fmt: skip
+        update = aggregator.apply(event, int(times[i]))[-1]
+        tiles[ids[i]] = (update["valid_until"], update["tiles"])
+    frame = frame.copy()
+    frame["valid_until"] = [tiles[i][0] for i in ids]
+    frame["tiles"] = [tiles[i][1] for i in ids]
+    return frame
+
+
 def _records(frame: pd.DataFrame, names: list[str]) -> list[dict[str, Any]]:
     out = []
+    tiled = "tiles" in frame.columns
     for row in frame.itertuples(index=False):
         out.append(
             {
@@ -109,6 +171,8 @@ def _records(frame: pd.DataFrame, names: list[str]) -> list[dict[str, Any]]:
                 "write_time": int(row.write_time),  # type: ignore[arg-type]
                 "values": {n: float(getattr(row, n)) for n in names},
                 "source": "STREAM",
+                "valid_until": int(row.valid_until) if tiled else None,  # type: ignore[arg-type]
+                "tiles": row.tiles if tiled else None,
             }
         )
     return out
@@ -133,6 +197,8 @@ def bulk_table(frame: pd.DataFrame, first_offset: int, names: list[str], schema:
         "value_keys": pa.array([json.dumps(names, separators=(",", ":"))] * n, pa.string()),
         "value_exceptions": no_exceptions.cast(schema.field("value_exceptions").type),
         "source": pa.array(["STREAM"] * n, pa.string()),
+        "valid_until": pa.array(frame["valid_until"] if "tiles" in frame.columns else [None] * n, pa.int64()),
+        "tiles": pa.array(frame["tiles"] if "tiles" in frame.columns else [None] * n, pa.binary()),
         "_topic": pa.array(["feature-updates"] * n, pa.string()),
         "_partition": pa.array(np.zeros(n, np.int32)),
         "_offset": pa.array(offsets),
@@ -153,29 +219,45 @@ def build_lake(
     batch_rows: int,
     seed: int,
     duplicates: float = 0.0,
-) -> int:
-    """Writes the lake; returns how many files it holds. Also saves the rows for Feast."""
-    names = [f"f{i:02d}" for i in range(n_features)]
+    tiles: bool = True,
+) -> tuple[int, pd.DataFrame]:
+    """Writes the lake; returns how many files it holds, and each row's event id, entity, event
+    time and valid_until (to tell the labels evaluated at their time from the others)."""
+    names = NAMES[:n_features]
     writer = LakeWriter(settings, SchemaCatalog.load(settings.schemas_dir))
 
     def slice_of(offset: int, n: int) -> tuple[int, int]:
         # The stream arrives in time order: each flush covers the next slice of the 30 days.
         return T0 + SPAN_MS * offset // rows, T0 + SPAN_MS * (offset + n) // rows
 
-    first = feature_rows(
-        FIRST_BATCH, entities, n_features, seed, span=slice_of(0, FIRST_BATCH), duplicates=duplicates
-    )
-    (real,) = {p for p in writer.write("feature-updates", list(enumerate_rows(_records(first, names))))[:1]}
-    schema = pq.read_schema(real).remove_metadata()
-    check = bulk_table(first, 0, names, schema)
-    assert check.schema.equals(schema), "bulk tables must have LakeWriter's schema"
-    topic_dir = settings.lake_dir / "feature-updates"
-    offset, part = FIRST_BATCH, 1
-    while offset < rows:
-        n = min(batch_rows, rows - offset)
-        frame = feature_rows(
+    def rows_of(offset: int, n: int, part: int) -> pd.DataFrame:
+        return feature_rows(
             n, entities, n_features, seed + part, span=slice_of(offset, n), duplicates=duplicates
         )
+
+    frames, offset = [rows_of(0, FIRST_BATCH, 0)], FIRST_BATCH
+    while offset < rows:
+        n = min(batch_rows, rows - offset)
+        frames.append(rows_of(offset, n, len(frames)))
+        offset += n
+    if tiles:
+        started = time.perf_counter()
+        frames = _split(with_tiles(pd.concat(frames, ignore_index=True)), [len(f) for f in frames])
+        print(
+            f"  tiles computed by the streaming engine in {time.perf_counter() - started:.0f} s", flush=True
+        )
+    (real,) = {
+        p for p in writer.write("feature-updates", list(enumerate_rows(_records(frames[0], names))))[:1]
+    }
+    schema = pq.read_schema(real).remove_metadata()
+    check = bulk_table(frames[0], 0, names, schema)
+    assert check.schema.equals(schema), "bulk tables must have LakeWriter's schema"
+    topic_dir = settings.lake_dir / "feature-updates"
+    floats = {f.name for f in schema if pa.types.is_floating(f.type)}
+    blobs = {f.name for f in schema if pa.types.is_binary(f.type)}
+    offset = FIRST_BATCH
+    for frame in frames[1:]:
+        n = len(frame)
         table = bulk_table(frame, offset, names, schema)
         dates = pa.array([date_of(int(t)) for t in frame["event_time"].to_numpy()])
         for date in pc.unique(dates).to_pylist():
@@ -184,12 +266,19 @@ def build_lake(
             pq.write_table(
                 table.filter(pc.equal(dates, date)),
                 folder / f"feature-updates+0+{offset}-{offset + n - 1}.parquet",
-                # As LakeWriter: floats plain and uncompressed, the rest with dictionaries and snappy.
-                use_dictionary=[f.name for f in schema if not pa.types.is_floating(f.type)],
-                compression={f.name: "none" if pa.types.is_floating(f.type) else "snappy" for f in schema},
+                # As LakeWriter: floats plain and uncompressed, blobs without a dictionary.
+                use_dictionary=[f.name for f in schema if f.name not in floats | blobs],
+                compression={f.name: "none" if f.name in floats else "snappy" for f in schema},
             )
-        offset, part = offset + n, part + 1
-    return len(list(topic_dir.rglob("*.parquet")))
+        offset += n
+    kept = ["event_id", "entity_key", "event_time", *(["valid_until"] if tiles else [])]
+    index = pd.concat([f[kept] for f in frames], ignore_index=True)
+    return len(list(topic_dir.rglob("*.parquet"))), index
+
+
+def _split(frame: pd.DataFrame, sizes: list[int]) -> list[pd.DataFrame]:
+    bounds = np.cumsum([0, *sizes])
+    return [frame.iloc[a:b].reset_index(drop=True) for a, b in itertools.pairwise(bounds)]
 
 
 def enumerate_rows(records: list[dict[str, Any]]) -> list[tuple[int, int, dict[str, Any]]]:
@@ -202,7 +291,9 @@ def feast_rows(settings: Settings, out: Path) -> None:
     keep = ["entity_key", "event_time", "write_time"] + [
         c for c in table.column_names if c.startswith(f"{FEATURE_SET}:")
     ]
-    table = table.select(keep).rename_columns([c.split(":", 1)[-1] for c in keep])
+    feast_name = {n: f"f{i:02d}" for i, n in enumerate(NAMES)}  # Feast's columns: f00, f01, ...
+    names = [c.split(":", 1)[-1] for c in keep]
+    table = table.select(keep).rename_columns([feast_name.get(n, n) for n in names])
     pq.write_table(table, out)
 
 
@@ -251,11 +342,12 @@ def run_feast(
 
 
 def compare_with_feast(ours: pd.DataFrame, feast_result: pd.DataFrame, n_features: int) -> tuple[int, int]:
-    """(rows compared, rows whose 50 values differ), joined on entity and label time."""
+    """(rows compared, rows whose 50 values differ), joined on entity and label time: the labels
+    whose windows were not evaluated at their time (``ours`` holds only those)."""
     theirs = feast_result.copy()
     theirs["label_time"] = (theirs["event_timestamp"].astype("int64") // 1_000_000).astype("int64")
     names = [f"f{i:02d}" for i in range(n_features)]
-    mine = ours.rename(columns={f"{FEATURE_SET}:{n}": n for n in names})
+    mine = ours.rename(columns={f"{FEATURE_SET}:{NAMES[i]}": n for i, n in enumerate(names)})
     both = mine.merge(
         theirs[["entity_key", "label_time", *names]], on=["entity_key", "label_time"], suffixes=("", "_feast")
     )
@@ -276,7 +368,7 @@ def scenario(
     try:
         settings = load_settings(data_dir=workdir / "data")
         start = time.perf_counter()
-        files = build_lake(
+        files, index = build_lake(
             settings,
             rows,
             args.entities,
@@ -284,6 +376,7 @@ def scenario(
             batch_rows=batch_rows,
             seed=args.seed,
             duplicates=args.duplicates,
+            tiles=not args.no_tiles,
         )
         labels = labels_frame(labels_n, args.entities, args.seed + 999)
         size = sum(p.stat().st_size for p in settings.lake_dir.rglob("*.parquet"))
@@ -293,7 +386,7 @@ def scenario(
             f"built in {time.perf_counter() - start:.0f} s",
             flush=True,
         )
-        refs = [f"{FEATURE_SET}:f{i:02d}" for i in range(args.features)]
+        refs = [f"{FEATURE_SET}:{n}" for n in NAMES[: args.features]]
         bt, bt_cpu, bt_result = time_headwater(settings, labels, refs, args.repeat, True)
         nb, nb_cpu, nb_result = time_headwater(settings, labels, refs, args.repeat, False)
         out: dict[str, Any] = {
@@ -308,6 +401,12 @@ def scenario(
             "matched_event_time": int(nb_result[refs[0]].notna().sum()),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         }
+        evaluated = (
+            _evaluated(settings, labels, refs, index) if not args.no_tiles else np.zeros(labels_n, bool)
+        )
+        out["evaluated"] = int(evaluated.sum())
+        if evaluated.any():
+            out["evaluated_checked"] = _check_evaluated(settings, labels, refs, index, evaluated, nb_result)
         if with_feast:
             features_path, labels_path = workdir / "rows.parquet", workdir / "labels.parquet"
             feast_rows(settings, features_path)
@@ -317,12 +416,66 @@ def scenario(
                 out["feast_s"], out["feast_cpu_s"] = feast["times_s"], feast["cpu_s"]
                 out["feast_rows"], out["feast_version"] = feast["rows"], feast["version"]
                 out["compared"], out["differ"] = compare_with_feast(
-                    nb_result, pd.read_parquet(workdir / "feast_result.parquet"), args.features
+                    nb_result[~evaluated], pd.read_parquet(workdir / "feast_result.parquet"), args.features
                 )
         return out
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _matched(settings: Settings, labels: pd.DataFrame, refs: list[str], index: pd.DataFrame) -> pd.DataFrame:
+    """Each label's matched update (event-time mode) with its valid_until, untimed."""
+    with open_offline_store(settings) as store:
+        got = get_historical_features(store, labels, refs[:1], bitemporal=False, include_timestamps=True)
+    times = got[f"{FEATURE_SET}:event_time"]
+    first = index.drop_duplicates(["entity_key", "event_time"])
+    return labels.assign(event_time=times.astype("Int64")).merge(
+        first, on=["entity_key", "event_time"], how="left"
+    )
+
+
+def _evaluated(settings: Settings, labels: pd.DataFrame, refs: list[str], index: pd.DataFrame) -> np.ndarray:
+    """Which labels came at or after their matched update's valid_until (event-time mode)."""
+    matched = _matched(settings, labels, refs, index)
+    until = matched["valid_until"].to_numpy(dtype=float, na_value=np.inf)
+    return np.asarray(matched["label_time"].to_numpy() >= until)
+
+
+def _check_evaluated(  # noqa: PLR0917 - a helper of scenario(), called once
+    settings: Settings,
+    labels: pd.DataFrame,
+    refs: list[str],
+    index: pd.DataFrame,
+    evaluated: np.ndarray,
+    result: pd.DataFrame,
+    sample: int = 2_000,
+) -> int:
+    """For a sample of the evaluated labels, the training set's values equal the matched update's
+    tiles evaluated at the label time, read from the lake row by row; returns how many."""
+    matched = _matched(settings, labels, refs, index)
+    rows = np.flatnonzero(evaluated)[:sample]
+    with open_offline_store(settings) as store:
+        for i in rows.tolist():
+            key, t = matched.at[i, "entity_key"], int(matched.at[i, "event_time"])
+            (blob,) = (
+                store.query(
+                    "SELECT tiles FROM feature_updates "
+                    "WHERE entity_key = {k:String} AND event_time = {t:Int64} LIMIT 1",
+                    {"k": key, "t": t},
+                )
+                .column(0)
+                .cast(pa.binary())
+                .to_pylist()
+            )
+            want = evaluate_tiles(blob, int(labels.at[i, "label_time"]))[0]
+            for ref in refs:
+                got, expected = result.at[i, ref], want[ref.split(":", 1)[1]]
+                same = (pd.isna(got) and expected is None) or (
+                    expected is not None and not pd.isna(got) and abs(float(got) - float(expected)) <= 1e-9
+                )
+                assert same, (key, t, ref, got, expected)
+    return len(rows)
 
 
 def report(r: dict[str, Any]) -> None:
@@ -348,6 +501,10 @@ def report(r: dict[str, Any]) -> None:
             f"  same values as Feast (event-time mode): {r['compared'] - r['differ']:,}"
             f" of {r['compared']:,} rows compared"
         )
+    print(
+        f"  windows evaluated at the label time: {r['evaluated']:,} labels"
+        + (f" ({r['evaluated_checked']:,} checked against their tiles)" if r.get("evaluated_checked") else "")
+    )
     print(f"  peak RSS of this process so far: {r['peak_rss_gib']:.1f} GiB")
 
 
@@ -366,6 +523,7 @@ def main() -> None:
         "--duplicates", type=float, default=0.01, help="share of rows that are replayed copies of others"
     )
     parser.add_argument("--no-feast", action="store_true")
+    parser.add_argument("--no-tiles", action="store_true", help="rows without tiles (no window evaluation)")
     parser.add_argument("--big", action="store_true", help="also 1M labels x 10M rows, Headwater alone")
     parser.add_argument("--big-labels", type=int, default=1_000_000)
     parser.add_argument("--big-rows", type=int, default=10_000_000)
