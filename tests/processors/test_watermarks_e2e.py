@@ -31,9 +31,10 @@ import pytest
 
 from features.examples.clickstream import item_activity, user_activity
 from headwater.settings import Settings
+from processors.features import FeatureProcessor
 from processors.worker import run_processors
 from serving.online_store import open_online_store
-from streams.consumer import EventConsumer
+from streams.consumer import Event, EventConsumer
 from streams.producer import EventProducer
 from streams.serde import Serde
 from streams.topics import TopicCatalog
@@ -90,6 +91,8 @@ class Outcome:
     rejected: dict[str, list[str]] = field(default_factory=dict)  # event id -> reasons
     values: dict[Keyed, dict[str, Any]] = field(default_factory=dict)  # last update per key
     reads: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # online, at READ_AT
+    # Per (feature set, entity) the ids of its updates in log order: the update stream itself.
+    streams: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
 
 def _oracle() -> Outcome:
@@ -189,6 +192,9 @@ class _Collector:
                     self.outcome.rejected.setdefault(original["event_id"], []).append(reason)
                 else:
                     self.outcome.values[(r["feature_set"], r["entity_key"], r["event_time"])] = r["values"]
+                    self.outcome.streams.setdefault((r["feature_set"], r["entity_key"]), []).append(
+                        r["event_id"]
+                    )
         return self.outcome
 
     def complete(self) -> bool:
@@ -325,3 +331,31 @@ def test_every_timing_accepts_rejects_and_computes_the_same(
     ]
     assert not bad_reads, [(k, got.reads[k], ORACLE.reads[k]) for k in bad_reads[:3]]
     assert any(v["clicks_24h"] for v in got.reads.values())
+    if scenario.startswith("backlog"):
+        # A backlog is released in one order whatever the interleaving its partitions were
+        # fetched in (event time, then partition): the same update stream, update for update.
+        assert got.streams == _canonical_streams()
+
+
+def _canonical_streams() -> dict[tuple[str, str], list[str]]:
+    """The update ids per key when the partitions are merged as a backlog is: the head with the
+    smallest (event time, partition) first (an event from the future at once), each partition in
+    its own order, through the pure processor."""
+    heads = [0] * PARTITIONS
+    events = []
+
+    def key(p: int) -> tuple[int, int]:
+        t = SEQUENCES[p][heads[p]]["event_time"]
+        return (-1 if t > NOW + SKEW_MS else t, p)
+
+    while live := [p for p in range(PARTITIONS) if heads[p] < len(SEQUENCES[p])]:
+        p = min(live, key=key)
+        events.append(Event("clicks", p, heads[p], None, "click", SEQUENCES[p][heads[p]], {}, 0))
+        heads[p] += 1
+    out: dict[tuple[str, str], list[str]] = {}
+    for fs in SETS:
+        processor = FeatureProcessor(fs, {}, max_future_ms=SKEW_MS)
+        processor.watch({("clicks", p) for p in range(PARTITIONS)})
+        for _, update in processor.handle(events, NOW).outputs:
+            out.setdefault((update["feature_set"], update["entity_key"]), []).append(update["event_id"])
+    return out
