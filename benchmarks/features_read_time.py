@@ -38,39 +38,20 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "benchmarks"))  # after the packages: benchmarks/serving.py is no package
 
-from features.definitions import ApproxDistinct, Count, FeatureSet, Last, Max, Mean, Min, Ratio, Sum  # noqa: E402
+from windowed import windowed_features  # noqa: E402
+
+from features.definitions import FeatureSet  # noqa: E402
 from features.engine import Aggregator  # noqa: E402
 from features.examples.clickstream import item_activity, user_activity  # noqa: E402
-from features.predicates import Eq  # noqa: E402
 from headwater.sample_data import merged_events  # noqa: E402
 from headwater.settings import load_settings  # noqa: E402
 from serving.online_store import open_online_store  # noqa: E402
 
-WINDOWS = ["5m", "1h", "6h", "24h", "7d"]
 TARGET_P99_MS = 0.1
 DAY = 86_400_000
-CLICK = Eq("action", "CLICK")
-
-BENCH = FeatureSet(
-    "bench_read_time",
-    entity="user_id",
-    source="clicks",
-    owner="bench",
-    description="Ten aggregations over five windows: 50 features.",
-    features=[
-        Count(windows=WINDOWS, name="events"),
-        Count(windows=WINDOWS, where=CLICK, name="clicks"),
-        Sum("position", windows=WINDOWS, name="position_sum"),
-        Mean("propensity", windows=WINDOWS, name="mean_propensity"),
-        Min("position", windows=WINDOWS, name="min_position"),
-        Max("position", windows=WINDOWS, name="max_position"),
-        Ratio(Count(where=CLICK), Count(), windows=WINDOWS, name="ctr"),
-        Last("item_id", windows=WINDOWS, name="last_item"),
-        ApproxDistinct("item_id", windows=WINDOWS, name="items"),
-        Mean("position", windows=WINDOWS, name="mean_position"),
-    ],
-)
+BENCH = windowed_features("bench_read_time", with_last=True)
 
 
 def latest_updates(fs: FeatureSet, events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

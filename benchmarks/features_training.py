@@ -53,11 +53,12 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "benchmarks"))  # after the packages: benchmarks/serving.py is no package
+
+from windowed import windowed_features  # noqa: E402
 
 from batch.offline_store import get_historical_features, open_offline_store  # noqa: E402
-from features.definitions import ApproxDistinct, Count, FeatureSet, Max, Mean, Min, Ratio, Sum  # noqa: E402
 from features.engine import Aggregator, evaluate_tiles  # noqa: E402
-from features.predicates import Eq  # noqa: E402
 from headwater.settings import Settings, load_settings  # noqa: E402
 from processors.lake import LakeWriter  # noqa: E402
 from processors.lake.layout import date_of  # noqa: E402
@@ -67,27 +68,7 @@ T0 = 1_700_000_000_000
 SPAN_MS = 30 * 86_400_000
 FEATURE_SET = "bench"
 FIRST_BATCH = 10_000  # rows written through LakeWriter itself
-WINDOWS = ["5m", "1h", "6h", "24h", "7d"]
-CLICK = Eq("action", "CLICK")
-BENCH = FeatureSet(
-    FEATURE_SET,
-    entity="user_id",
-    source="clicks",
-    owner="bench",
-    description="Ten numeric aggregations over five windows: 50 features.",
-    features=[
-        Count(windows=WINDOWS, name="events"),
-        Count(windows=WINDOWS, where=CLICK, name="clicks"),
-        Sum("position", windows=WINDOWS, name="position_sum"),
-        Mean("propensity", windows=WINDOWS, name="mean_propensity"),
-        Min("position", windows=WINDOWS, name="min_position"),
-        Max("position", windows=WINDOWS, name="max_position"),
-        Ratio(Count(where=CLICK), Count(), windows=WINDOWS, name="ctr"),
-        ApproxDistinct("item_id", windows=WINDOWS, name="items"),
-        Mean("position", windows=WINDOWS, name="mean_position"),
-        Sum("propensity", windows=WINDOWS, name="propensity_sum"),
-    ],
-)
+BENCH = windowed_features(FEATURE_SET)
 NAMES = BENCH.feature_names  # the lake's features; Feast's columns f00..f49 are these, in order
 
 

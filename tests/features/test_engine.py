@@ -236,9 +236,8 @@ arrivals = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
-@given(arrivals)
-def test_engine_matches_the_written_semantics_in_any_arrival_order(raw: list[tuple[Any, ...]]) -> None:
+def replay(raw: list[tuple[Any, ...]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``arrivals``' draws as events in arrival order, and the updates FS's engine makes of them."""
     events = [
         (
             t + delay,
@@ -254,4 +253,11 @@ def test_engine_matches_the_written_semantics_in_any_arrival_order(raw: list[tup
             updates += agg.apply(e, write_time=0)
         except EventRejected as exc:
             assert exc.reason == "too_late"
+    return arrival, updates
+
+
+@settings(max_examples=150, deadline=None)
+@given(arrivals)
+def test_engine_matches_the_written_semantics_in_any_arrival_order(raw: list[tuple[Any, ...]]) -> None:
+    arrival, updates = replay(raw)
     assert same(last_updates(updates), expected(FS, arrival))

@@ -17,12 +17,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from features import Aggregator, EventRejected
+from features import Aggregator
 from features.engine import evaluate_tiles, tiles_layout
 from features.examples.clickstream import item_activity, user_activity
 from headwater.sample_data import iter_events
 from tests.features.oracle import accepted, values_at
-from tests.features.test_engine import BASE, FS, M, S, click, same
+from tests.features.test_engine import BASE, FS, M, S, arrivals, click, replay, same
 
 H = 3600 * S
 
@@ -85,40 +85,12 @@ def test_tiles_carry_their_layout_and_an_inactive_entity_reads_empty_windows() -
     assert change == (BASE // M + 60) * M  # the hour windows' first tile (of a minute) leaves
 
 
-reads_strategy = st.lists(
-    st.tuples(
-        st.one_of(st.integers(0, 10 * M), st.integers(0, 3 * H)),  # event time offset: dense or spread
-        st.one_of(st.just(0), st.integers(0, 90 * S)),  # arrival delay; lateness is 60 s
-        st.sampled_from(["u1", "u2"]),
-        st.sampled_from(["IMPRESSION", "CLICK"]),
-        st.integers(1, 3),
-        st.sampled_from(["a", "b", "c", "d"]),
-        st.one_of(st.none(), st.sampled_from([0.1, 0.25, 0.3])),
-    ),
-    max_size=60,
-)
-
-
 @settings(max_examples=120, deadline=None)
-@given(reads_strategy, st.integers(0, 2**32))
+@given(arrivals, st.integers(0, 2**32))
 def test_tiles_evaluate_to_the_written_semantics_at_any_later_time(
     raw: list[tuple[Any, ...]], seed: int
 ) -> None:
-    events = [
-        (
-            t + delay,
-            click(BASE + t, user=u, action=a, item=item, position=p, propensity=prop, event_id=f"e{i}"),
-        )
-        for i, (t, delay, u, a, p, item, prop) in enumerate(raw)
-    ]
-    arrival = [e for _, e in sorted(events, key=lambda x: x[0])]
-    agg = Aggregator(FS)
-    updates: list[dict[str, Any]] = []
-    for e in arrival:
-        try:
-            updates += agg.apply(e, write_time=0)
-        except EventRejected as exc:
-            assert exc.reason == "too_late"
+    arrival, updates = replay(raw)
     check_reads(FS, arrival, updates, random.Random(seed))
 
 
