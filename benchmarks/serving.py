@@ -46,6 +46,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -132,8 +133,9 @@ def online_rows(repository: FeatureRepository, end: int) -> dict[str, list[Any]]
     return rows
 
 
-def setup(workdir: Path) -> tuple[Any, Any, dict[str, list[str]]]:
-    """Broker, topics, online data and the registered model; returns (settings, broker, reads)."""
+def setup(workdir: Path, rows_file: Path | None = None) -> tuple[Any, Any, dict[str, list[str]]]:
+    """Broker, topics, online data and the registered model; returns (settings, broker, reads).
+    ``rows_file``: the online rows (:func:`online_rows`' result, pickled) instead of new ones."""
     import numpy as np
     import pandas as pd
     from confluent_kafka.admin import AdminClient
@@ -182,7 +184,12 @@ def setup(workdir: Path) -> tuple[Any, Any, dict[str, list[str]]]:
             registry.promote(spec.name, mv.version, force=True, reason="benchmark")
         now = time.time_ns() // 1_000_000 - 60_000
         with open_online_store(settings) as store:
-            for fs, rows in online_rows(repository, now).items():
+            given: dict[str, list[Any]] = (
+                pickle.loads(rows_file.read_bytes())  # benchmarks/serving_vs_base.py's file
+                if rows_file is not None
+                else online_rows(repository, now)
+            )
+            for fs, rows in given.items():
                 store.put_batch(fs, rows)
     except BaseException:
         broker.stop()  # never leave a broker behind
@@ -525,12 +532,13 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per load pass")
     parser.add_argument("--no-feast", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--rows", type=Path, help="the online rows, pickled (benchmarks/serving_vs_base.py)")
     args = parser.parse_args()
     duration = 3.0 if args.quick else args.duration
     figures: dict[str, Any] = {"machine check ms": [machine_check()]}
     with tempfile.TemporaryDirectory(prefix="hw-bench-serving-") as tmp:
         workdir = Path(tmp)
-        settings, broker, reads = setup(workdir)
+        settings, broker, reads = setup(workdir, args.rows)
         try:
             info = broker.info()
             assert info is not None

@@ -7,10 +7,17 @@ maximum calls/s (issue 13). Absolute figures on a shared two-core machine move 2
 stretches of minutes, so the earlier commit is measured in the same run: a git worktree of
 ``--base`` (from this repository, no network) runs its own ``benchmarks/serving.py`` with this
 checkout's virtualenv (the dependencies are the same), then this checkout runs its own, and the
-two alternate for ``--rounds`` rounds; each side's best round counts. Each side's online store
-holds what its stream would have written: plain values before read-time windows, values with
-their tiles now (``benchmarks/serving.py``'s ``online_rows``: most entities' last event days
-old, so reads evaluate the windows from the tiles).
+two alternate for ``--rounds`` rounds; each side's best round counts.
+
+Both sides run this checkout's ``benchmarks/serving.py`` (copied into the worktree: the driver,
+data and load are the same, the server is each commit's own) on the same online data, made
+once here: ``online_rows``, users and items whose last event lies anywhere in the week before
+(most reads evaluate windows). This checkout's store holds each entity's update with its tiles,
+as its stream writes it, and evaluates the windows at each read; the earlier commit's holds the
+values those windows have at set-up (as a store rewritten the moment any window changed would:
+the best the earlier commit could do), without tiles. So both serve the same values (the model,
+the defaults for empty windows and the prediction events are the same work), and the difference
+is what reading windows at read time costs.
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +51,29 @@ def _worktree(base: str, into: Path) -> Path:
     return tree
 
 
-def _run(tree: Path, duration: float, out: Path) -> dict[str, Any]:
+def _rows(into: Path) -> tuple[Path, Path]:
+    """The online rows of both sides, pickled: (the earlier commit's, this checkout's)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.serving import bench_repository, online_rows
+    from features.engine import evaluate_tiles
+
+    end = time.time_ns() // 1_000_000 - 60_000
+    rows = online_rows(bench_repository(), end)
+    values = {
+        fs: [(key, t, evaluate_tiles(tiles, end)[0]) for key, t, _values, _until, tiles in entities]
+        for fs, entities in rows.items()
+    }
+    base, this = into / "rows-base.pkl", into / "rows-this.pkl"
+    base.write_bytes(pickle.dumps(values))
+    this.write_bytes(pickle.dumps(rows))
+    return base, this
+
+
+def _run(tree: Path, duration: float, out: Path, rows: Path) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     subprocess.run(
         [sys.executable, "benchmarks/serving.py", "--no-feast", "--duration", str(duration),
-         "--json", str(out)],
+         "--json", str(out), "--rows", str(rows)],
         cwd=tree, env=env, check=False,  # it exits 1 when a target of its own fails: the figures count
     )  # fmt: skip
     if not out.exists():
@@ -65,11 +92,13 @@ def main() -> int:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="hw-serving-vs-base-"))
     tree = _worktree(args.base, workdir)
+    shutil.copy(ROOT / "benchmarks" / "serving.py", tree / "benchmarks" / "serving.py")
+    rows = dict(zip(("base", "this"), _rows(workdir), strict=True))
     best: dict[str, dict[str, float]] = {"base": {}, "this": {}}
     try:
         for r in range(args.rounds):
             for side, where in (("base", tree), ("this", ROOT)):
-                figures = _run(where, args.duration, workdir / f"{side}-{r}.json")
+                figures = _run(where, args.duration, workdir / f"{side}-{r}.json", rows[side])
                 for name, key in PASSES:
                     value = figures[name][key]
                     kept = best[side].get(name)

@@ -45,6 +45,7 @@ few microseconds per event: ``benchmarks/features_engine.py`` measures it.
 
 from __future__ import annotations
 
+import itertools
 import json
 from bisect import bisect_left, bisect_right
 from collections import Counter
@@ -916,17 +917,25 @@ class Evaluations:
 
     def __init__(self, limit: int = 16_384) -> None:
         self.limit = limit
-        # tiles -> (evaluated at, next change or None, values)
-        self._known: dict[bytes, tuple[int, int | None, dict[str, Any]]] = {}
+        # tiles -> (evaluated at, next change or None, token, values)
+        self._known: dict[bytes, tuple[int, int | None, int, dict[str, Any]]] = {}
+        self._tokens = itertools.count(1)
 
     def at(self, tiles: bytes, at: int) -> dict[str, Any]:
         """Every feature's value at ``at`` from an update's tiles (see :func:`evaluate_tiles`)."""
+        return self.entry(tiles, at)[1]
+
+    def entry(self, tiles: bytes, at: int) -> tuple[int, dict[str, Any]]:
+        """:meth:`at` with a token naming this evaluation: the same token, the same values (this
+        process hands each evaluation its own), so a reader may keep what it derives from them
+        (a projected row, its float64 form) under the token."""
         hit = self._known.get(tiles)
         if hit is not None and hit[0] <= at and (hit[1] is None or at < hit[1]):
-            return hit[2]
+            return hit[2], hit[3]
         values, until = evaluate_tiles(tiles, at)
         known = self._known
         if len(known) >= self.limit:  # the oldest goes (dicts keep insertion order)
             known.pop(next(iter(known)), None)
-        known[tiles] = (at, until, values)
-        return values
+        token = next(self._tokens)
+        known[tiles] = (at, until, token, values)
+        return token, values

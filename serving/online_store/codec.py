@@ -286,7 +286,7 @@ class RecordCodec:
                 append(FeatureRow(dict.fromkeys(feats), None, None, None))
                 continue
             if valid_until and now >= valid_until:  # a tile left a window: evaluate them at now
-                evaluated = self._evaluate(record, end, now)
+                evaluated = self._evaluate(record, end, now)[1]
                 values = {f: evaluated.get(f) for f in feats}
                 append(FeatureRow(values, event_time, write_time, now - event_time))
                 continue
@@ -328,8 +328,7 @@ class RecordCodec:
         values: list[Sequence[Value]] = []
         times: list[int | None] = []
         at: list[int] = []  # with decoded rows: each record's row, or -1 - k for new[k]
-        new: list[tuple[bytes, Sequence[Value]]] = []
-        evaluated: list[int] = []  # reads whose values were evaluated from tiles
+        new: list[tuple[bytes | int, Sequence[Value]]] = []
         add_values, add_time, add_at = values.append, times.append, at.append
         body = b""
         for record in records:
@@ -345,11 +344,22 @@ class RecordCodec:
                 add_at(0)
                 continue
             if valid_until and now >= valid_until:  # a tile left a window: evaluate them at now
-                current = self._evaluate(record, end, now)
-                evaluated.append(len(values))
-                add_values(tuple([current.get(f) for f in feats]))
+                # The evaluation's token names its values while they hold: its row is decoded
+                # rows' like a record's bytes (a new evaluation, a new token, a new row).
+                token, current = self._evaluate(record, end, now)
+                if rows is not None:
+                    row = known.get(token)
+                    if row is not None:
+                        add_values(rows.values[row])
+                        add_time(event_time)
+                        add_at(row)
+                        continue
+                picked = tuple(map(current.get, feats))
+                add_values(picked)
                 add_time(event_time)
-                add_at(0)  # a placeholder row: the evaluated values replace it below
+                if rows is not None:
+                    add_at(-1 - len(new))
+                    new.append((token, picked))
                 continue
             if rows is not None:
                 body = bytes(record[24:end])  # schema id, valid-until, values: same bytes, same values
@@ -370,13 +380,14 @@ class RecordCodec:
                 add_at(-1 - len(new))
                 new.append((body, picked))
         if rows is not None:
-            return FeatureValues(values, times, _gathered(rows.take(at, new), values, evaluated))
+            return FeatureValues(values, times, rows.take(at, new))
         return FeatureValues(values, times, as_matrix(values, len(feats)) if matrix else None)
 
-    def _evaluate(self, record: Buffer, end: int, now: int) -> dict[str, Value]:
-        """The values of a record's tiles at ``now`` (remembered until they can next change)."""
+    def _evaluate(self, record: Buffer, end: int, now: int) -> tuple[int, dict[str, Value]]:
+        """The values of a record's tiles at ``now`` (remembered until they can next change), with
+        the token of that evaluation (see :meth:`Evaluations.entry`)."""
         try:
-            return self._evaluations.at(bytes(record[end:]), now)
+            return self._evaluations.entry(bytes(record[end:]), now)
         except HeadwaterError as exc:
             raise OnlineStoreError(f"cannot evaluate a record's windows at read time: {exc}") from exc
         except Exception as exc:  # corrupt tiles raise msgpack's and Python's errors alike
@@ -478,7 +489,7 @@ class _DecodedRows:
     RENEW_AFTER = 16 * LIMIT
 
     def __init__(self, width: int) -> None:
-        self.index: dict[bytes, int] = {}
+        self.index: dict[bytes | int, int] = {}  # a record's bytes or an evaluation's token
         self.values: list[Sequence[Value]] = [(None,) * width]
         self.data = np.full((256, width), np.nan)
         self.numeric = True  # False once a value is not a number: no matrices for this list
@@ -488,7 +499,7 @@ class _DecodedRows:
     def stale(self) -> bool:
         return self.lookups >= self.RENEW_AFTER and 2 * self.hits < self.lookups
 
-    def take(self, at: list[int], new: list[tuple[bytes, Sequence[Value]]]) -> np.ndarray | None:
+    def take(self, at: list[int], new: list[tuple[bytes | int, Sequence[Value]]]) -> np.ndarray | None:
         """The float64 rows of a read (``at``: known rows, or ``-1 - k`` for ``new[k]``), after
         adding the ``new`` ones while there is room; None when not all values are numbers."""
         with self._lock:
@@ -524,20 +535,6 @@ class _DecodedRows:
                     self.index[body] = start + k
                 at = [start - 1 - i if i < 0 else i for i in at]
             return self.data[at]
-
-
-def _gathered(
-    matrix: np.ndarray | None, values: list[Sequence[Value]], evaluated: list[int]
-) -> np.ndarray | None:
-    """The decoded rows' matrix with the rows of values evaluated from tiles put in (not kept in
-    the decoded rows: they hold only while no tile leaves a window)."""
-    if matrix is None or not evaluated:
-        return matrix
-    block = as_matrix([values[i] for i in evaluated], matrix.shape[1])
-    if block is None:
-        return None
-    matrix[evaluated] = block
-    return matrix
 
 
 def _normalize_values(feature_set: str, entity_key: str, body: Mapping[object, object]) -> dict[str, Value]:

@@ -407,16 +407,11 @@ def test_windows_are_evaluated_at_the_read_time(store: OnlineStore, fs: str, how
     names = _NUMERIC.feature_names
     newest = max(u["event_time"] for u in last.values())
     soonest = min(u["valid_until"] for u in last.values())
-    # Before any tile leaves, at it, between, long after (every window empty): the cached decoded
-    # rows (a batch of 12 records) must never serve a value that a tile's leaving changed.
-    for now in [
-        newest,
-        soonest - 1,
-        soonest,
-        newest + 10 * 60_000,
-        newest + 45 * 60_000,
-        newest + 6 * 86_400_000,
-    ]:
+    # Before any tile leaves, at it, between, long after (every window empty), each read twice
+    # (the second from what the first evaluated and decoded), and once back in time: the cached
+    # decoded rows (a batch of 12 records) must never serve a value that a tile's leaving changed.
+    times = [newest, soonest - 1, soonest, newest + 10 * 60_000, newest + 45 * 60_000]
+    for now in [*(t for t in times for _ in range(2)), newest + 6 * 86_400_000, newest + 10 * 60_000]:
         got = store.get_values(fs, users, names, now_ms=now, matrix=True)
         dicts = store.get_batch(fs, users, names, now_ms=now)
         for i, user in enumerate(users):
