@@ -104,3 +104,27 @@ def test_tiles_of_the_real_clickstream_read_right_at_random_times(fs: Any) -> No
     last = {(u["entity_key"], u["event_time"]): u for u in updates}
     picked = [u for u in sample if last[(u["entity_key"], u["event_time"])] is u]
     assert check_reads(fs, clicks, picked, rng) > 1000
+
+
+def test_distinct_counts_from_busy_and_quiet_tiles_together() -> None:
+    """A tile with many distinct values writes its sketch as a mask's bytes, a quiet one as bucket
+    numbers; a window holding both (and an own tile of either kind) evaluates like the oracle."""
+    rng = random.Random(5)
+    events = []
+    for minute in range(0, 120, 3):  # 1h window: 1-minute tiles, some busy, most quiet
+        busy = minute % 9 == 0
+        for k in range(40 if busy else 2):
+            item = f"i{rng.randrange(400)}" if busy else f"q{rng.randrange(6)}"
+            t = BASE + minute * M + k * 100
+            events.append(click(t, item=item, event_id=f"e{minute}-{k}"))
+    agg = Aggregator(FS)
+    updates = [u for e in events for u in agg.apply(e, write_time=e["event_time"])]
+    dense = 0
+    for update in updates[:: max(1, len(updates) // 60)]:
+        t = update["event_time"]
+        dense += b"\xc4" in update["tiles"]  # msgpack bin: a busy tile's sketch bytes
+        for r in (t, t + rng.randint(0, 90 * M), t + 59 * M):
+            got, _ = evaluate_tiles(update["tiles"], r)
+            seen = [e for e in events if e["event_time"] <= t]
+            assert got["items_1h"] == values_at(FS, seen, r)["items_1h"], (t, r)
+    assert dense > 0  # the dense form was met
