@@ -43,10 +43,12 @@ per-row column (a matched update's ``valid_until`` and tiles) would be read the 
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar, overload
@@ -406,13 +408,30 @@ def _at_label_times(
         return
     evaluations = Evaluations(limit=len(rows))
     blobs = got["tiles"].take(pa.array(rows)).to_pylist()
-    read = [evaluations.at(blob, int(t)) for blob, t in zip(blobs, times[rows].tolist(), strict=True)]
+    with _collector_paused():
+        read = [evaluations.at(blob, int(t)) for blob, t in zip(blobs, times[rows].tolist(), strict=True)]
+        # Rows of the requested values (C-level gets), turned into columns by one transpose.
+        columns = list(zip(*[tuple(map(r.get, features)) for r in read], strict=True))
     mask = pa.array(due)
-    for f in features:
+    for f, evaluated in zip(features, columns, strict=True):
         column = feature_column(fs, f)
         current = values[column].combine_chunks()
-        replacements = pa.array([r.get(f) for r in read], current.type)
+        replacements = pa.array(evaluated, current.type)
         values[column] = pa.chunked_array([pc.replace_with_mask(current, mask, replacements)])
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic collector off meanwhile: the evaluations create millions of small objects,
+    none of them cyclic, and each full collection walks them all again (it more than tripled the
+    time of building the columns of 100,000 labels x 50 features)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def parse_refs(feature_refs: Sequence[str]) -> dict[str, list[str]]:

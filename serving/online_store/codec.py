@@ -354,7 +354,7 @@ class RecordCodec:
                         add_time(event_time)
                         add_at(row)
                         continue
-                picked = tuple(map(current.get, feats))
+                picked: Sequence[Value] = tuple(map(current.get, feats))
                 add_values(picked)
                 add_time(event_time)
                 if rows is not None:
