@@ -69,6 +69,12 @@ TOPICS: tuple[TopicSpec, ...] = (
 )
 
 
+# librdkafka's codes for "no broker answered" (as opposed to a broker refusing the request).
+_UNREACHABLE = frozenset(
+    (KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE)
+)
+
+
 class TopicCatalog:
     """Topic names with the settings' prefix, and topic creation."""
 
@@ -114,7 +120,11 @@ class TopicCatalog:
                 err = exc.args[0]
                 if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                     continue
-                raise HeadwaterError(f"could not create topic {name}: {err}") from exc
+                # No broker answers librdkafka in time either way: as a timeout of its own
+                # ("Failed while waiting for controller") or of the future below.
+                unreachable = isinstance(err, KafkaError) and err.code() in _UNREACHABLE
+                hint = "; is the broker up? (`headwater status`)" if unreachable else ""
+                raise HeadwaterError(f"could not create topic {name}: {err}{hint}") from exc
             except TimeoutError as exc:
                 raise HeadwaterError(
                     f"could not create topic {name}: no answer from Kafka within {timeout_s:.0f}s; "
