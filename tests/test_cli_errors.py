@@ -216,7 +216,8 @@ def test_tail_latest_follow_shows_only_events_produced_after_it_starts(
         wait_for(lambda: len(printed) >= len(new), 20, "tail to print the new events")
     finally:
         tail.terminate()
-        tail.wait(10)
+        code = tail.wait(10)
+    assert code == 0  # SIGTERM ends a follow cleanly, like Ctrl-C
     shown = [json.loads(line)["event_id"] for line in printed]
     assert sorted(shown) == sorted(r["event_id"] for r in new)  # every new one, once, and nothing else
     assert len(notes) == 1  # the one note, no error

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -211,6 +213,10 @@ def tail(
     # partition has reached its end once, its records produced before the start are skipped.
     settled: set[int] = set()
     announced = False
+    # SIGTERM ends a follow like Ctrl-C, between polls (the consumer closes, stdout is whole).
+    # Installed explicitly: a process started with SIGTERM ignored (inherited) would never end.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
     with EventConsumer(
         settings,
         serde_for(settings),
@@ -219,7 +225,7 @@ def tail(
         from_beginning=from_beginning,
         name="tail",
     ) as consumer:
-        while True:
+        while not stop.is_set():
             events = consumer.poll(max_records=500, timeout_s=0.5)
             for event in events:
                 if not from_beginning and event.partition not in settled and event.timestamp_ms < started_ms:
@@ -246,7 +252,7 @@ def tail(
                 raise HeadwaterError(
                     f"{spec.logical}: did not reach the end of the topic within {_TAIL_IDLE_TIMEOUT_S:.0f}s"
                 )
-    log.info("%s: %d events, caught up", spec.logical, printed)
+    log.info("%s: %d events, %s", spec.logical, printed, "stopped" if stop.is_set() else "caught up")
 
 
 def register(app: typer.Typer) -> None:
