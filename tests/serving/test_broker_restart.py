@@ -175,7 +175,9 @@ def test_the_service_follows_a_restarted_broker_at_the_same_and_at_a_new_address
     out = capfd.readouterr()
     log = out.out + out.err
     assert "delivery to" not in log
-    assert len(re.findall(r"new producer \(", log)) == 2  # one line per restart
+    # A line per producer replaced, at most one per restart: at a new address the sender needs a
+    # new producer; at the same address librdkafka's own reconnect may resume the old one first.
+    assert 1 <= len(re.findall(r"new producer \(", log)) <= 2
     summaries = [
         r.getMessage() for r in caplog.records if "prediction events lost in the last" in r.getMessage()
     ]
