@@ -180,7 +180,9 @@ def test_three_times_capacity_is_shed_at_once_and_the_calls_taken_stay_fast(
     # but not yet read when h2load closed its connections are neither).
     statuses = sum(v for k, v in flood.items() if not k.startswith("headwater_"))
     assert refused_by_grpc > calls / 3
-    assert done + len(probe) <= statuses + refused_by_grpc <= calls + len(probe)
+    # (streams refused by HTTP/2's per-connection bound are answered but in neither count).
+    assert statuses + refused_by_grpc <= calls + len(probe)
+    assert abs(statuses + refused_by_grpc - done - len(probe)) <= 2 * QUEUE
     assert {code for code, _ in probe} <= {"OK", "CANCELLED"} and len(answered) >= 10
     # What the server took was answered fast (no queue of the whole flood in front of it), and
     # refusing the excess cost it little: it answered nearly as many calls as a server that
