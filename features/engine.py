@@ -252,15 +252,6 @@ def _sketch(mask: int) -> list[int] | bytes:
     return out
 
 
-def _mask(sketch: list[int] | bytes) -> int:
-    if isinstance(sketch, bytes):
-        return int.from_bytes(sketch, "little")
-    mask = 0
-    for bucket in sketch:
-        mask |= 1 << bucket
-    return mask
-
-
 def _array_header(count: int) -> bytes:
     """A msgpack array header: rows encoded one by one are joined under it without a re-encode."""
     if count < 16:

@@ -330,7 +330,7 @@ class RecordCodec:
         at: list[int] = []  # with decoded rows: each record's row, or -1 - k for new[k]
         new: list[tuple[bytes | int, Sequence[Value]]] = []
         add_values, add_time, add_at = values.append, times.append, at.append
-        body = b""
+        key: bytes | int = b""  # a record's row in the decoded rows is found by this
         for record in records:
             if record is None:
                 add_values(missing)
@@ -343,42 +343,34 @@ class RecordCodec:
                 add_time(None)
                 add_at(0)
                 continue
+            evaluated: dict[str, Value] | None = None
             if valid_until and now >= valid_until:  # a tile left a window: evaluate them at now
                 # The evaluation's token names its values while they hold: its row is decoded
                 # rows' like a record's bytes (a new evaluation, a new token, a new row).
-                token, current = self._evaluate(record, end, now)
-                if rows is not None:
-                    row = known.get(token)
-                    if row is not None:
-                        add_values(rows.values[row])
-                        add_time(event_time)
-                        add_at(row)
-                        continue
-                picked: Sequence[Value] = tuple(map(current.get, feats))
-                add_values(picked)
-                add_time(event_time)
-                if rows is not None:
-                    add_at(-1 - len(new))
-                    new.append((token, picked))
-                continue
+                key, evaluated = self._evaluate(record, end, now)
+            elif rows is not None:
+                key = bytes(record[24:end])  # schema id, valid-until, values: same bytes, same values
             if rows is not None:
-                body = bytes(record[24:end])  # schema id, valid-until, values: same bytes, same values
-                row = known.get(body)
+                row = known.get(key)
                 if row is not None:
                     add_values(rows.values[row])
                     add_time(event_time)
                     add_at(row)
                     continue
-            pick = pickers.get(schema_id, _UNKNOWN)
-            if pick is _UNKNOWN:
-                pick = pickers[schema_id] = self._picker(schema_id, feats, load_schema)
-            decoded: list[Value] = _unpackb(record[_END:end])
-            picked = decoded if pick is None else pick(decoded)  # type: ignore[operator]
+            picked: Sequence[Value]
+            if evaluated is not None:
+                picked = tuple(map(evaluated.get, feats))
+            else:
+                pick = pickers.get(schema_id, _UNKNOWN)
+                if pick is _UNKNOWN:
+                    pick = pickers[schema_id] = self._picker(schema_id, feats, load_schema)
+                decoded: list[Value] = _unpackb(record[_END:end])
+                picked = decoded if pick is None else pick(decoded)  # type: ignore[operator]
             add_values(picked)
             add_time(event_time)
             if rows is not None:
                 add_at(-1 - len(new))
-                new.append((body, picked))
+                new.append((key, picked))
         if rows is not None:
             return FeatureValues(values, times, rows.take(at, new))
         return FeatureValues(values, times, as_matrix(values, len(feats)) if matrix else None)
